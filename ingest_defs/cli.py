@@ -1,0 +1,259 @@
+"""The `ingest` command: local broker stack, runs through Dagster, status, sample producer, validation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ingest_defs.config import REPO_ROOT, ConfigError, PipelineSpec, load_pipelines, pipelines_file
+
+console = Console(highlight=False)
+
+
+def _ensure_dagster_home() -> None:
+    # DAGSTER_HOME must be absolute; default to this repo's dagster_home/ (as the Makefile does).
+    home = Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+
+
+def _load(name: str | None = None) -> dict[str, PipelineSpec]:
+    specs = load_pipelines()
+    if name is not None and name not in specs:
+        raise ConfigError(None, name, f"no pipeline named '{name}' in {pipelines_file()}",
+                          f"use one of {', '.join(specs)}")
+    return specs
+
+
+# ------------------------------------------------------------ commands
+def cmd_stack(args: argparse.Namespace) -> int:
+    from ingest_defs.stack import manager
+
+    if args.action == "up":
+        return manager.up(secure=args.secure)
+    if args.action == "down":
+        return manager.down()
+    return manager.status()
+
+
+def cmd_validate(_args: argparse.Namespace) -> int:
+    specs = load_pipelines()
+    for spec in specs.values():
+        console.print(f"[green]ok[/] {spec.name}: {spec.source.kind} → {spec.table_uri()}")
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from ingest_defs.resources.brokers import source_for
+    from ingest_defs.samples import make_samples
+
+    spec = _load(args.pipeline)[args.pipeline]
+    source = source_for(spec)
+    try:
+        source.ensure_exists()
+        samples = make_samples(spec, args.count, args.bad_fraction, seed=args.seed, start_id=args.start_id)
+        t0 = time.monotonic()
+        sent = source.publish(samples.payloads, samples.keys) if args.count else 0
+        took = time.monotonic() - t0
+    finally:
+        source.close()
+    console.print(f"{spec.name}: produced {sent} messages ({len(samples.bad)} bad) to {spec.source.kind} "
+                  f"in {took:.1f}s")
+    return 0
+
+
+def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | None = None,
+                 trigger: str = "cli", quiet: bool = False):
+    """Run batches of one pipeline through its Dagster job, in this process, on the persistent instance."""
+    _ensure_dagster_home()
+    from dagster import DagsterInstance
+
+    from ingest_defs.assets.ingestion import job_name, op_name
+    from ingest_defs.definitions import build_definitions
+
+    defs = build_definitions({spec.name: spec})
+    job = defs.resolve_job_def(job_name(spec))
+    config = {"trigger": trigger, "max_batches": max_batches}
+    if max_seconds is not None:
+        config["max_seconds"] = max_seconds
+    run_config = {"ops": {op_name(spec): {"config": config}},
+                  "loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "WARNING"}}}}
+    with DagsterInstance.get() as instance:
+        return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
+                                      tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    specs = _load(args.pipeline)
+    names = [args.pipeline] if args.pipeline != "all" else list(specs)
+    handler = _BatchLineHandler()
+    logging.getLogger("ingest.batch").addHandler(handler)
+    logging.getLogger("ingest.batch").setLevel(logging.INFO)
+    status = 0
+    for name in names:
+        result = run_pipeline(specs[name], args.max_batches, args.max_seconds)
+        if not result.success:
+            status = 1
+            console.print(f"[red]{name}: run {result.run_id} failed[/]")
+            for event in result.all_events:
+                if event.is_failure and event.event_specific_data is not None:
+                    error = getattr(event.event_specific_data, "error", None)
+                    if error is not None:
+                        console.print(f"[red]{error.message.strip()}[/]")
+                        break
+        else:
+            console.print(f"{name}: run {result.run_id} done ({handler.count} batches)")
+        handler.count = 0
+    return status
+
+
+class _BatchLineHandler(logging.Handler):
+    """Prints one summary line per batch as it commits."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if " batch " in message:
+            self.count += 1
+        console.print(message, markup=False, soft_wrap=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ingest_defs.resources.brokers import source_for
+    from ingest_defs.sink import DeltaTableSink
+
+    specs = _load(args.pipeline if args.pipeline != "all" else None)
+    names = [args.pipeline] if args.pipeline != "all" else list(specs)
+    table = Table("pipeline", "source", "broker end", "delta position", "lag", "last batch (UTC)", "quarantined")
+    status = 0
+    for name in names:
+        spec = specs[name]
+        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
+        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
+        source = source_for(spec)
+        try:
+            parts = source.state()
+            versions = target.versions([p.app_id for p in parts])
+            lag = 0
+            ends, positions = [], []
+            for p in parts:
+                v = versions.get(p.app_id)
+                ends.append(f"{p.partition}:{'-' if p.last is None else p.last}")
+                positions.append(f"{p.partition}:{'-' if v is None else v}")
+                if p.last is not None:
+                    floor = (p.first - 1) if v is None else v
+                    lag += max(0, p.last - floor)
+            table.add_row(name, spec.source.kind, " ".join(ends), " ".join(positions), str(lag),
+                          _last_commit_time(target), str(quarantine.row_count()))
+        except Exception as exc:  # one broken pipeline must not hide the others
+            status = 1
+            table.add_row(name, spec.source.kind, "[red]unavailable[/]", "", "", "", f"[red]{escape(str(exc))}[/]")
+        finally:
+            source.close()
+    console.print(table)
+    return status
+
+
+def _last_commit_time(sink) -> str:
+    from datetime import UTC, datetime
+
+    table = sink.table()
+    if table is None:
+        return "-"
+    for entry in table.history(20):
+        if entry.get("ingest.batch_id"):
+            return datetime.fromtimestamp(entry["timestamp"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return "-"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Row counts, quarantined rows with their reasons, and a few rows: what the demo prints."""
+    import polars as pl
+
+    from ingest_defs.sink import DeltaTableSink
+
+    specs = _load(args.pipeline if args.pipeline != "all" else None)
+    names = [args.pipeline] if args.pipeline != "all" else list(specs)
+    pl.Config.set_tbl_rows(args.rows)
+    pl.Config.set_fmt_str_lengths(60)
+    for name in names:
+        spec = specs[name]
+        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
+        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
+        console.rule(f"{name}: {spec.table_uri()}")
+        console.print(f"rows: {target.row_count()}   quarantined: {quarantine.row_count()}")
+        if quarantine.table() is not None:
+            q = pl.read_delta(spec.quarantine_uri())
+            reasons = (q.with_columns(pl.col("_error").str.split(":").list.first().alias("reason"))
+                       .group_by("reason").len().sort("len", descending=True))
+            print(reasons)
+            print(q.select("_partition", "_offset", "_error").head(args.rows))
+        if target.table() is not None:
+            payload_cols = list(spec.payload_schema)
+            print(pl.read_delta(spec.table_uri()).select(
+                *payload_cols, "_stream", "_partition", "_offset", "_timestamp").head(args.rows))
+    return 0
+
+
+# ------------------------------------------------------------ entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ingest", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    stack = sub.add_parser("stack", help="the local broker stack (Kafka, NATS JetStream, Mosquitto)")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("--secure", action="store_true", help="authentication and TLS on (not yet available)")
+    stack.set_defaults(func=cmd_stack)
+
+    run = sub.add_parser("run", help="run batches of a pipeline through Dagster until caught up")
+    run.add_argument("pipeline", help="pipeline name, or 'all'")
+    run.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: until caught up)")
+    run.add_argument("--max-seconds", type=float, default=None, help="time budget for the run")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="broker end, Delta position, lag, last batch, quarantined rows")
+    status.add_argument("pipeline", nargs="?", default="all")
+    status.set_defaults(func=cmd_status)
+
+    produce = sub.add_parser("produce", help="produce sample events for a pipeline's source")
+    produce.add_argument("pipeline")
+    produce.add_argument("--count", type=int, required=True)
+    produce.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid messages (0..1)")
+    produce.add_argument("--seed", type=int, default=None)
+    produce.add_argument("--start-id", type=int, default=0)
+    produce.set_defaults(func=cmd_produce)
+
+    show = sub.add_parser("show", help="row counts, quarantine reasons and a few rows of a pipeline's tables")
+    show.add_argument("pipeline", nargs="?", default="all")
+    show.add_argument("--rows", type=int, default=5)
+    show.set_defaults(func=cmd_show)
+
+    validate = sub.add_parser("validate", help="check the pipelines file")
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

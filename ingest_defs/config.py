@@ -1,0 +1,442 @@
+"""The pipelines file: typed models, loading, and error messages that name the pipeline, the key and the fix.
+
+Every other module takes a `PipelineSpec`; nothing else reads YAML.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import pandera.polars as pa
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+DEFAULT_PIPELINES_FILE = PACKAGE_DIR / "pipelines.yaml"
+PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# YAML dtype names → polars dtypes. Datetimes are parsed from ISO-8601 strings into UTC.
+DTYPES: dict[str, pl.DataType] = {
+    "int8": pl.Int8(),
+    "int16": pl.Int16(),
+    "int32": pl.Int32(),
+    "int64": pl.Int64(),
+    "uint8": pl.UInt8(),
+    "uint16": pl.UInt16(),
+    "uint32": pl.UInt32(),
+    "uint64": pl.UInt64(),
+    "float32": pl.Float32(),
+    "float64": pl.Float64(),
+    "string": pl.String(),
+    "bool": pl.Boolean(),
+    "date": pl.Date(),
+    "datetime": pl.Datetime("us", "UTC"),
+}
+DTYPE_ALIASES = {"str": "string", "utf8": "string", "boolean": "bool", "float": "float64", "int": "int64",
+                 "double": "float64", "long": "int64", "timestamp": "datetime"}
+
+# Column checks a YAML schema may use: name → how its argument is passed to pandera.Check.
+CHECKS: dict[str, str] = {
+    "eq": "value", "ne": "value", "gt": "value", "ge": "value", "lt": "value", "le": "value",
+    "isin": "list", "notin": "list", "str_matches": "value", "str_contains": "value",
+    "str_startswith": "value", "str_endswith": "value", "str_length": "kwargs", "in_range": "kwargs",
+}
+CHECK_ALIASES = {"greater_than_or_equal_to": "ge", "less_than_or_equal_to": "le", "greater_than": "gt",
+                 "less_than": "lt", "equal_to": "eq", "not_equal_to": "ne"}
+
+
+class ConfigError(ValueError):
+    """A mistake in the pipelines file: says which pipeline, which key, and how to fix it."""
+
+    def __init__(self, pipeline: str | None, key: str, problem: str, fix: str, file: Path | None = None):
+        self.pipeline, self.key, self.problem, self.fix, self.file = pipeline, key, problem, fix, file
+        where = f"pipeline '{pipeline}'" if pipeline else "pipelines file"
+        src = f" ({file})" if file else ""
+        super().__init__(f"{where}{src}: key '{key}': {problem}. Fix: {fix}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- sources
+class KafkaSourceSpec(_Strict):
+    topic: str = Field(min_length=1)
+    group_id: str | None = None
+    # librdkafka settings passed through (security, fetch sizes, ...). Values may use ${ENV_VAR}.
+    config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    partitions: int = Field(default=1, ge=1, description="partitions when `ingest` creates the topic")
+
+
+class NatsSourceSpec(_Strict):
+    stream: str = Field(min_length=1)
+    subject: str = Field(min_length=1)
+    durable: str | None = None
+    retention: Literal["limits", "workqueue", "interest"] = "limits"
+
+
+class MqttSourceSpec(_Strict):
+    topics: list[str] = Field(min_length=1)
+    qos: Literal[1] = 1
+    client_id: str | None = None
+    session_expiry_seconds: int = Field(default=604800, gt=0)
+
+
+class SourceSpec(_Strict):
+    kafka: KafkaSourceSpec | None = None
+    nats: NatsSourceSpec | None = None
+    mqtt: MqttSourceSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SourceSpec:
+        given = [k for k in ("kafka", "nats", "mqtt") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of kafka, nats, mqtt must be given (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> Literal["kafka", "nats", "mqtt"]:
+        return "kafka" if self.kafka else "nats" if self.nats else "mqtt"
+
+
+# ---------------------------------------------------------------- schema
+class ColumnSpec(_Strict):
+    dtype: str
+    nullable: bool = True
+    checks: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        name = DTYPE_ALIASES.get(value.lower(), value.lower())
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype '{value}'; use one of {', '.join(DTYPES)}")
+        return name
+
+    @field_validator("checks")
+    @classmethod
+    def _known_checks(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if CHECK_ALIASES.get(name, name) not in CHECKS:
+                raise ValueError(f"unknown check '{name}'; use one of {', '.join(CHECKS)}")
+        return value
+
+
+class SchemaSpec(_Strict):
+    columns: dict[str, ColumnSpec] | None = None
+    model: str | None = Field(default=None, description="module:Class of a pandera.polars DataFrameModel")
+    # false: payload fields not in the schema are ignored; true: such messages are quarantined.
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _columns_or_model(self) -> SchemaSpec:
+        if (self.columns is None) == (self.model is None):
+            raise ValueError("give either `columns` or `model`, not both or neither")
+        if self.columns is not None and not self.columns:
+            raise ValueError("`columns` is empty; list at least one payload field")
+        return self
+
+
+# ---------------------------------------------------------------- batches and triggers
+class BatchSpec(_Strict):
+    max_messages: int = Field(default=100_000, ge=1, le=10_000_000)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    idle_ms: int = Field(default=500, ge=10, description="MQTT: end the batch after this long without a message")
+    # Catch-up mode: one run executes consecutive batches until caught up or this budget is spent.
+    max_run_seconds: float = Field(default=300.0, gt=0)
+
+
+class SensorTriggerSpec(_Strict):
+    interval_seconds: int = Field(default=15, ge=1)
+    enabled: bool = True
+
+
+class TriggerSpec(_Strict):
+    sensor: SensorTriggerSpec | None = Field(default_factory=SensorTriggerSpec)
+    schedule: str | None = None
+
+
+class ChecksSpec(_Strict):
+    max_quarantine_share: float = Field(default=0.05, ge=0, le=1)
+    max_lag_messages: int = Field(default=1_000_000, ge=0)
+
+
+class PipelineSpec(_Strict):
+    name: str
+    source: SourceSpec
+    format: Literal["json"] = "json"
+    schema_: SchemaSpec = Field(alias="schema")
+    table: str = Field(min_length=1)
+    quarantine_table: str | None = None
+    partition_by: list[str] = Field(default_factory=list)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    on_gap: Literal["fail", "skip"] = "fail"
+    trigger: TriggerSpec = Field(default_factory=TriggerSpec)
+    checks: ChecksSpec = Field(default_factory=ChecksSpec)
+    # Keep the payload bytes in the target's `_raw` column. Default: on where the broker cannot replay
+    # (MQTT, NATS work-queue/interest streams), so backfills re-read the lake instead.
+    keep_raw: bool | None = None
+    description: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mqtt_batch_default(cls, raw: Any) -> Any:
+        # MQTT caps messages in flight at 65535 (Receive Maximum): its default batch is smaller.
+        if isinstance(raw, dict) and isinstance(raw.get("source"), dict) and "mqtt" in raw["source"]:
+            batch = raw.get("batch") or {}
+            if isinstance(batch, dict) and "max_messages" not in batch:
+                raw = {**raw, "batch": {**batch, "max_messages": 50_000}}
+        return raw
+
+    # -- derived, cached: the pandera schema and the payload's polars schema
+    @cached_property
+    def pandera_schema(self) -> pa.DataFrameSchema:
+        return build_pandera_schema(self)
+
+    @cached_property
+    def payload_schema(self) -> dict[str, pl.DataType]:
+        return {name: col.dtype.type for name, col in self.pandera_schema.columns.items()}
+
+    @property
+    def keep_raw_payload(self) -> bool:
+        if self.keep_raw is not None:
+            return self.keep_raw
+        nats = self.source.nats
+        return self.source.mqtt is not None or (nats is not None and nats.retention != "limits")
+
+    def table_uri(self, lake_root: str | None = None) -> str:
+        return resolve_table_uri(self.table, lake_root)
+
+    def quarantine_uri(self, lake_root: str | None = None) -> str:
+        return resolve_table_uri(self.quarantine_table or f"{self.table}_quarantine", lake_root)
+
+    @property
+    def asset_key_path(self) -> list[str]:
+        return [p for p in self.table.split("://")[-1].strip("/").split("/") if p][-2:]
+
+    @property
+    def quarantine_key_path(self) -> list[str]:
+        path = self.asset_key_path
+        return [*path[:-1], f"{path[-1]}_quarantine"]
+
+
+class PipelinesFile(_Strict):
+    pipelines: dict[str, dict[str, Any]]
+
+
+def lake_root() -> str:
+    return os.environ.get("LAKE_ROOT", str(REPO_ROOT / "lake"))
+
+
+def resolve_table_uri(table: str, root: str | None = None) -> str:
+    if "://" in table or table.startswith("/"):
+        return table
+    base = root or lake_root()
+    if "://" in base:
+        return f"{base.rstrip('/')}/{table}"
+    return str(Path(base).resolve() / table)
+
+
+def pipelines_file() -> Path:
+    return Path(os.environ.get("INGEST_PIPELINES", str(DEFAULT_PIPELINES_FILE)))
+
+
+# ---------------------------------------------------------------- pandera
+def build_pandera_schema(spec: PipelineSpec) -> pa.DataFrameSchema:
+    schema = spec.schema_
+    if schema.model:
+        model = import_model(spec.name, schema.model)
+        return model.to_schema()
+    columns = {}
+    for name, col in (schema.columns or {}).items():
+        checks = [_build_check(spec.name, name, check, arg) for check, arg in col.checks.items()]
+        columns[name] = pa.Column(DTYPES[col.dtype], nullable=col.nullable, checks=checks, required=False)
+    # Extra payload fields never reach the frame (decode reads only schema columns), so strict is
+    # enforced in decoding; the frame itself is always exactly the schema's columns.
+    return pa.DataFrameSchema(columns, strict=False, name=spec.name)
+
+
+def _build_check(pipeline: str, column: str, check: str, arg: Any) -> pa.Check:
+    check = CHECK_ALIASES.get(check, check)
+    key = f"schema.columns.{column}.checks.{check}"
+    kind = CHECKS[check]
+    factory = getattr(pa.Check, check)
+    try:
+        if kind == "list":
+            if not isinstance(arg, list):
+                raise TypeError("expects a list")
+            return factory(arg)
+        if kind == "kwargs":
+            if not isinstance(arg, dict):
+                raise TypeError("expects a mapping, e.g. {min_value: 1, max_value: 10}")
+            return factory(**arg)
+        return factory(arg)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(pipeline, key, f"bad argument {arg!r} ({exc})",
+                          f"give `{check}` a valid argument, e.g. {_check_example(check)}") from exc
+
+
+def _check_example(check: str) -> str:
+    return {"list": f"{check}: [a, b]", "kwargs": f"{check}: {{min_value: 0, max_value: 10}}"}.get(
+        CHECKS[check], f"{check}: 0")
+
+
+def import_model(pipeline: str, ref: str) -> type[pa.DataFrameModel]:
+    key = "schema.model"
+    if ":" not in ref:
+        raise ConfigError(pipeline, key, f"'{ref}' is not in the form module:Class",
+                          "write it as e.g. `ingest_defs.schemas:UserActivity`")
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(pipeline, key, f"module '{module_name}' does not import ({exc})",
+                          "check the module path and that it is installed") from exc
+    model = getattr(module, attr, None)
+    if not (isinstance(model, type) and issubclass(model, pa.DataFrameModel)):
+        raise ConfigError(pipeline, key, f"'{attr}' in '{module_name}' is not a pandera.polars DataFrameModel",
+                          "point it at a class deriving from pandera.polars.DataFrameModel")
+    return model
+
+
+# ---------------------------------------------------------------- loading
+_FIXES = {
+    "missing": "add the key",
+    "extra_forbidden": "remove it or fix its spelling",
+    "literal_error": "use one of the allowed values",
+    "int_parsing": "give a whole number",
+    "int_type": "give a whole number",
+    "float_parsing": "give a number",
+    "bool_parsing": "give true or false",
+    "string_type": "give a string",
+    "dict_type": "give a mapping",
+    "list_type": "give a list",
+    "model_type": "give a mapping",
+    "greater_than_equal": "give a larger value",
+    "less_than_equal": "give a smaller value",
+    "greater_than": "give a larger value",
+    "too_short": "give at least one item",
+}
+
+
+def _pydantic_to_config_error(name: str, exc: ValidationError, file: Path | None) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+    key = ".".join(loc) or "(pipeline)"
+    problem = err["msg"].removeprefix("Value error, ")
+    fix = _FIXES.get(err["type"], "correct the value")
+    if err["type"] == "extra_forbidden" and loc:
+        fix = f"remove '{loc[-1]}' or fix its spelling (see the README's configuration section)"
+    if err["type"] == "missing" and loc:
+        parent = ".".join(["pipelines", name, *loc[:-1]])
+        fix = f"add `{loc[-1]}:` under {parent}"
+    if "unknown dtype" in problem or "unknown check" in problem:
+        fix = problem.split("; ", 1)[-1]
+    if "exactly one of kafka" in problem:
+        fix = "give one source block: `kafka: {topic: ...}`, `nats: {stream: ..., subject: ...}` or `mqtt: {topics: [...]}`"
+    if "either `columns` or `model`" in problem:
+        fix = "keep only `columns:` (inline) or only `model: module:Class`"
+    return ConfigError(name, key, problem, fix, file)
+
+
+def parse_pipeline(name: str, raw: Any, file: Path | None = None) -> PipelineSpec:
+    if not PIPELINE_NAME.match(name):
+        raise ConfigError(name, "(name)", "pipeline names must be lower_snake_case",
+                          "rename it, e.g. 'user_activity'", file)
+    if not isinstance(raw, dict):
+        raise ConfigError(name, "(pipeline)", "expected a mapping", "indent the pipeline's keys under its name", file)
+    try:
+        spec = PipelineSpec.model_validate({**raw, "name": name})
+    except ValidationError as exc:
+        raise _pydantic_to_config_error(name, exc, file) from None
+    _check_semantics(spec, file)
+    return spec
+
+
+def _check_semantics(spec: PipelineSpec, file: Path | None) -> None:
+    try:
+        schema = spec.pandera_schema
+    except ConfigError as exc:
+        exc.file = file
+        raise
+    for col in spec.partition_by:
+        if col not in schema.columns and col not in ("_stream", "_partition", "_source"):
+            raise ConfigError(spec.name, "partition_by", f"'{col}' is not a schema column",
+                              f"use one of {', '.join(schema.columns)} or a standard column like _stream", file)
+    for col in schema.columns:
+        if col.startswith("_"):
+            raise ConfigError(spec.name, f"schema.columns.{col}", "names starting with '_' are reserved for the standard columns",
+                              "rename the field in the schema", file)
+    if spec.source.mqtt and spec.batch.max_messages > 65535:
+        raise ConfigError(spec.name, "batch.max_messages", "MQTT allows at most 65535 messages in flight",
+                          "set batch.max_messages to 65535 or less", file)
+    if spec.source.mqtt:
+        _reject_overlapping_filters(spec, file)
+
+
+def _reject_overlapping_filters(spec: PipelineSpec, file: Path | None) -> None:
+    from ingest_defs.sources.mqtt_topics import filters_overlap
+
+    topics = spec.source.mqtt.topics
+    for i, a in enumerate(topics):
+        for b in topics[i + 1:]:
+            if filters_overlap(a, b):
+                raise ConfigError(spec.name, "source.mqtt.topics", f"filters '{a}' and '{b}' overlap (the broker would deliver such messages twice)",
+                                  "keep only the wider filter, or make them disjoint", file)
+
+
+def load_pipelines(path: Path | str | None = None) -> dict[str, PipelineSpec]:
+    """Load and check the pipelines file. Raises ConfigError on the first mistake."""
+    file = Path(path) if path else pipelines_file()
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(None, "(file)", f"{file} does not exist",
+                          "create it or point INGEST_PIPELINES at your pipelines file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(None, "(file)", f"not valid YAML ({exc})", "fix the YAML syntax", file) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("pipelines"), dict):
+        raise ConfigError(None, "pipelines", "the file must have a top-level `pipelines:` mapping",
+                          "put each pipeline under `pipelines: {name: {...}}`", file)
+    extra = set(doc) - {"pipelines"}
+    if extra:
+        raise ConfigError(None, sorted(extra)[0], "unknown top-level key", "only `pipelines:` is allowed at the top", file)
+    specs = {name: parse_pipeline(name, raw, file) for name, raw in doc["pipelines"].items()}
+    _check_unique_tables(specs, file)
+    return specs
+
+
+def _check_unique_tables(specs: dict[str, PipelineSpec], file: Path | None) -> None:
+    seen: dict[str, str] = {}
+    for spec in specs.values():
+        for uri in (spec.table_uri(), spec.quarantine_uri()):
+            if uri in seen:
+                raise ConfigError(spec.name, "table", f"table '{uri}' is also used by pipeline '{seen[uri]}'",
+                                  "give each pipeline its own table", file)
+            seen[uri] = spec.name
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(pipeline: str, key: str, value: Any) -> Any:
+    """Replace ${ENV_VAR} in a setting at run time (secrets never sit in the file or in run config)."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        var = match.group(1)
+        if var not in os.environ:
+            raise ConfigError(pipeline, key, f"environment variable {var} is not set", f"export {var}=...")
+        return os.environ[var]
+
+    return _ENV_REF.sub(sub, value)

@@ -1,0 +1,281 @@
+"""The batch lifecycle, the same for every broker and every trigger:
+
+plan → read → decode → validate → write quarantine → write target → acknowledge → report.
+
+The Delta log is the only record of progress: a batch plans from the target table's transaction
+versions, writes each table in one commit carrying `Transaction(app_id, last covered offset)`, and only
+then acknowledges to the broker. A crash anywhere leaves either nothing or a commit the next plan skips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+from ulid import ULID
+
+from ingest_defs.config import PipelineSpec
+from ingest_defs.decode import QUARANTINE_SCHEMA, ROW, decode_payloads, standard_columns
+from ingest_defs.sink import ConcurrentBatchError, DeltaTableSink
+from ingest_defs.sources.base import Gap, PartitionRange, Plan, RawBatch, Source
+from ingest_defs.validation import validate
+
+logger = logging.getLogger("ingest.batch")
+
+
+class GapError(RuntimeError):
+    """Data was removed by the broker before it was ingested, and the pipeline says `on_gap: fail`."""
+
+
+def fault_point(name: str) -> None:
+    """Crash tests: INGEST_FAULT=<name> makes the process SIGKILL itself here, like a kill -9."""
+    if os.environ.get("INGEST_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class BatchResult:
+    batch_id: str
+    planned: list[PartitionRange]
+    covered: list[PartitionRange] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
+    messages: int = 0
+    rows_written: int = 0
+    rows_quarantined: int = 0
+    nbytes: int = 0
+    target_version: int | None = None
+    quarantine_version: int | None = None
+    lag_after: int = 0
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    skipped: str | None = None  # why nothing was written (e.g. another writer did it)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def summary(self, pipeline: str) -> str:
+        ranges = ", ".join(f"p{r.partition}:{r.start}..{r.end}" for r in self.covered if r.count) or "-"
+        if self.skipped:
+            return f"{pipeline} batch {self.batch_id}: skipped ({self.skipped}) ranges {ranges}"
+        rate = self.messages / self.duration_s if self.duration_s else 0.0
+        return (f"{pipeline} batch {self.batch_id}: {ranges} | {self.messages} msgs → {self.rows_written} rows, "
+                f"{self.rows_quarantined} quarantined | delta v{self.target_version} | lag {self.lag_after} | "
+                f"{self.duration_s:.2f}s ({rate:,.0f} msg/s)")
+
+
+@dataclass
+class BatchContext:
+    """Who runs the batches: for commit metadata and logs."""
+
+    run_id: str = ""
+    trigger: str = "manual"
+    mode: str = "live"
+    log: Callable[[str], None] | None = None
+
+    def info(self, message: str) -> None:
+        logger.info(message)
+        if self.log:
+            self.log(message)
+
+
+class BatchRunner:
+    """Runs consecutive bounded batches of one pipeline (catch-up mode)."""
+
+    def __init__(self, spec: PipelineSpec, source: Source, target: DeltaTableSink, quarantine: DeltaTableSink,
+                 ctx: BatchContext | None = None):
+        self.spec, self.source, self.target, self.quarantine = spec, source, target, quarantine
+        self.ctx = ctx or BatchContext()
+        self._identity: dict[str, str] | None = None
+
+    def identity(self) -> dict[str, str]:
+        if self._identity is None:
+            self._identity = self.source.identity()
+            self.target.check_identity(self._identity)
+            self.quarantine.check_identity(self._identity)
+        return self._identity
+
+    # ------------------------------------------------------------ planning
+    def plan(self, requested: list[PartitionRange] | None = None) -> Plan:
+        """Plan from the target table's versions; a requested plan (from a sensor) is clamped to them."""
+        self.target.table(refresh=True)
+        plan = self.source.plan(self.target.version_of, self.spec.batch.max_messages)
+        if requested is None:
+            return plan
+        fresh = {r.app_id: r for r in plan.ranges}
+        clamped = []
+        for r in requested:
+            now = fresh.get(r.app_id)
+            if now is None:
+                continue  # already ingested by another run
+            start = max(r.start, now.start)
+            if start <= r.end:
+                clamped.append(PartitionRange(r.app_id, r.partition, start, r.end))
+        return Plan(ranges=clamped, gaps=plan.gaps, lag_after=plan.lag_after + plan.total - sum(r.count for r in clamped))
+
+    def handle_gaps(self, plan: Plan) -> None:
+        for gap in plan.gaps:
+            message = f"pipeline '{self.spec.name}': {gap.describe()}"
+            if self.spec.on_gap == "fail":
+                raise GapError(f"{message}. on_gap is 'fail': set `on_gap: skip` to record the loss and go on, "
+                               "or restore the data to the broker.")
+            self.ctx.info(f"{message}; on_gap is 'skip': recorded and skipped")
+
+    # ------------------------------------------------------------ catch-up loop
+    def run(self, requested: list[PartitionRange] | None = None, max_batches: int = 0,
+            max_seconds: float | None = None) -> list[BatchResult]:
+        self.identity()
+        budget = self.spec.batch.max_run_seconds if max_seconds is None else max_seconds
+        started = time.monotonic()
+        results: list[BatchResult] = []
+        while True:
+            plan = self.plan(requested if not results else None)
+            if plan.empty and requested is not None and not results:
+                requested = None  # the requested range was done elsewhere; catch up from where Delta stands
+                plan = self.plan()
+            self.handle_gaps(plan)
+            if plan.empty:
+                break
+            result = self.run_one(plan)
+            result.gaps = plan.gaps
+            results.append(result)
+            self.ctx.info(result.summary(self.spec.name))
+            if max_batches and len(results) >= max_batches:
+                break
+            if time.monotonic() - started >= budget:
+                break
+            if not plan.bounded and result.messages == 0:
+                break
+            if plan.bounded and result.lag_after == 0 and not result.skipped:
+                break
+        return results
+
+    # ------------------------------------------------------------ one batch
+    def run_one(self, plan: Plan) -> BatchResult:
+        t0 = time.monotonic()
+        result = BatchResult(batch_id=str(ULID()), planned=plan.ranges, started_at=time.time())
+        raw = self.source.read(plan, self.spec.batch.max_bytes)
+        fault_point("after_read")
+        result.covered, result.messages, result.nbytes = raw.covered, len(raw), raw.nbytes
+        result.lag_after = plan.lag_after + sum(p.count - c.count for p, c in zip(plan.ranges, raw.covered, strict=False))
+
+        good, bad = self._rows(raw, result)
+        app_ids = [r.app_id for r in raw.covered]
+        fresh_target = self.target.versions(app_ids)
+        fresh_quarantine = self.quarantine.versions(app_ids)
+        if all(_done(r, fresh_target.get(r.app_id)) for r in raw.covered):
+            result.skipped = "already in Delta (another run committed these ranges)"
+            result.duration_s = time.monotonic() - t0
+            return result
+        good = self._drop_written(good, raw.covered, fresh_target)
+        good = self._drop_quarantined(good, raw.covered, fresh_target, fresh_quarantine)
+        bad = self._drop_written(bad, raw.covered, fresh_quarantine)
+
+        meta = self._commit_metadata(result, raw)
+        try:
+            if bad.height:
+                txns = {r.app_id: _max(r.end, fresh_quarantine.get(r.app_id)) for r in raw.covered if r.count}
+                committed = self.quarantine.append(bad, txns, meta, self.identity())
+                result.quarantine_version, result.rows_quarantined = committed.version, committed.rows
+            fault_point("after_quarantine_commit")
+            txns = {r.app_id: _max(r.end, fresh_target.get(r.app_id)) for r in raw.covered if r.count}
+            committed = self.target.append(good, txns, meta, self.identity(), self.spec.partition_by)
+            result.target_version, result.rows_written = committed.version, committed.rows
+        except ConcurrentBatchError:
+            result.skipped = "another writer committed the same ranges first; re-planning"
+            result.duration_s = time.monotonic() - t0
+            return result
+        fault_point("after_target_commit")
+        self.source.acknowledge(raw)
+        fault_point("after_ack")
+        result.duration_s = time.monotonic() - t0
+        return result
+
+    def _rows(self, raw: RawBatch, result: BatchResult) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Decode and validate: (rows for the target, rows for the quarantine)."""
+        batch_ts = datetime.now(UTC)
+        std = standard_columns(raw, self.source.kind, result.batch_id, batch_ts)
+        decoded = decode_payloads(raw.payloads, self.spec.payload_schema, self.spec.schema_.strict)
+        rows = decoded.rows
+        std_good = std if not decoded.failures else std.join(rows.select(ROW), on=ROW, how="semi")
+        frame = rows.drop(ROW).hstack(std_good)
+        checked = validate(frame, self.spec.pandera_schema, self.spec.name)
+        failures = dict(decoded.failures)
+        if checked.failures:
+            positions = frame.get_column(ROW)
+            for position, reason in checked.failures.items():
+                failures[positions[position]] = reason
+        good = checked.valid
+        if self.keep_raw:
+            good = good.with_columns(pl.Series("_raw", raw.payloads, dtype=pl.Binary).gather(good.get_column(ROW)))
+        good = good.drop(ROW)
+        for reason in failures.values():
+            result.reasons[_reason_kind(reason)] += 1
+        return good, self._quarantine_rows(std, raw, failures)
+
+    @property
+    def keep_raw(self) -> bool:
+        return self.spec.keep_raw_payload
+
+    def _quarantine_rows(self, std: pl.DataFrame, raw: RawBatch, failures: dict[int, str]) -> pl.DataFrame:
+        if not failures:
+            return pl.DataFrame(schema=QUARANTINE_SCHEMA)
+        positions = sorted(failures)
+        rows = std.filter(pl.col(ROW).is_in(positions)).sort(ROW)
+        return rows.with_columns(
+            pl.Series("_error", [failures[i] for i in positions], dtype=pl.String),
+            pl.Series("_raw", [raw.payloads[i] for i in positions], dtype=pl.Binary),
+        ).drop(ROW)
+
+    @staticmethod
+    def _drop_written(frame: pl.DataFrame, covered: list[PartitionRange],
+                      versions: dict[str, int | None]) -> pl.DataFrame:
+        """Rows at or below a table's stored version are already there (a retried or raced batch)."""
+        floors = {r.partition: versions.get(r.app_id) for r in covered}
+        if frame.height == 0 or all(v is None or v < r.start for r, v in ((r, floors[r.partition]) for r in covered)):
+            return frame
+        mapping = {p: (v if v is not None else -1) for p, v in floors.items()}
+        floor = pl.col("_partition").replace_strict(mapping, default=-1, return_dtype=pl.Int64)
+        return frame.filter(pl.col("_offset") > floor)
+
+    def _drop_quarantined(self, good: pl.DataFrame, covered: list[PartitionRange],
+                          target_versions: dict[str, int | None],
+                          quarantine_versions: dict[str, int | None]) -> pl.DataFrame:
+        """After a crash between the two commits the quarantine is ahead: keep its rows out of the target."""
+        for r in covered:
+            t, q = target_versions.get(r.app_id), quarantine_versions.get(r.app_id)
+            if q is not None and (t is None or q > t) and good.height:
+                low = -1 if t is None else t
+                taken = self.quarantine.offsets_in(r.partition, None, low, q)
+                if taken:
+                    good = good.filter(~((pl.col("_partition") == r.partition) & pl.col("_offset").is_in(list(taken))))
+        return good
+
+    def _commit_metadata(self, result: BatchResult, raw: RawBatch) -> dict[str, Any]:
+        return {
+            "ingest.pipeline": self.spec.name,
+            "ingest.batch_id": result.batch_id,
+            "ingest.run_id": self.ctx.run_id or None,
+            "ingest.trigger": self.ctx.trigger,
+            "ingest.mode": self.ctx.mode,
+            "ingest.ranges": json.dumps([r.as_dict() for r in raw.covered]),
+        }
+
+
+def _done(covered: PartitionRange, version: int | None) -> bool:
+    return covered.count == 0 or (version is not None and version >= covered.end)
+
+
+def _max(end: int, stored: int | None) -> int:
+    # transaction_version is not monotonic: never write a lower version than the table holds
+    return end if stored is None else max(end, stored)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0].split("(")[0].strip()[:60]

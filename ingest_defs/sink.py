@@ -1,0 +1,160 @@
+"""The Delta sink: where the truth lives. Transaction versions per app id, identity properties, and
+one commit per table per batch carrying the batch's transactions.
+
+Offset bookkeeping (what a batch covered) is decided by the lifecycle; this module only writes frames and
+reads back versions, in the spirit of kafka-delta-ingest's split between offsets and writing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+PROP_PREFIX = "ingest."
+TXN_RETENTION_PROP = "delta.setTransactionRetentionDuration"
+
+
+class SinkError(RuntimeError):
+    """A table state the pipeline must refuse (foreign table, expiring txns, impossible schema change)."""
+
+
+class ConcurrentBatchError(RuntimeError):
+    """Another writer committed the same app id first: the batch was (or is being) done elsewhere."""
+
+
+@dataclass
+class Committed:
+    version: int | None  # the Delta table version written (None: nothing written)
+    rows: int
+
+
+class DeltaTableSink:
+    """One Delta table (target or quarantine) of one pipeline."""
+
+    def __init__(self, uri: str, pipeline: str, role: str, storage_options: dict[str, str] | None = None):
+        self.uri, self.pipeline, self.role = uri, pipeline, role
+        self.storage_options = storage_options
+        self._table: DeltaTable | None = None
+
+    # ------------------------------------------------------------ reading state
+    def table(self, refresh: bool = True) -> DeltaTable | None:
+        if self._table is None:
+            try:
+                self._table = DeltaTable(self.uri, storage_options=self.storage_options)
+            except TableNotFoundError:
+                return None
+        elif refresh:
+            self._table.update_incremental()
+        return self._table
+
+    def versions(self, app_ids: list[str] | None = None, refresh: bool = True) -> dict[str, int | None]:
+        table = self.table(refresh)
+        if table is None or app_ids is None:
+            return dict.fromkeys(app_ids or [])
+        return {a: table.transaction_version(a) for a in app_ids}
+
+    def version_of(self, app_id: str) -> int | None:
+        table = self.table(refresh=False)
+        return None if table is None else table.transaction_version(app_id)
+
+    def check_identity(self, identity: dict[str, str]) -> None:
+        """Refuse a table written by another pipeline or source, or one whose txns could expire."""
+        table = self.table()
+        if table is None:
+            return
+        config = table.metadata().configuration
+        if config.get(TXN_RETENTION_PROP):
+            raise SinkError(
+                f"pipeline '{self.pipeline}': {self.role} table {self.uri} sets {TXN_RETENTION_PROP}="
+                f"{config[TXN_RETENTION_PROP]}: expired transaction ids would make batches re-ingest. "
+                f"Unset it: DeltaTable(...).alter.set_table_properties({{'{TXN_RETENTION_PROP}': ...}}) is not "
+                "reversible here, so point the pipeline at a new table.")
+        expected = {PROP_PREFIX + "pipeline": self.pipeline,
+                    **{PROP_PREFIX + k: v for k, v in identity.items()}}
+        for key, want in expected.items():
+            have = config.get(key)
+            if have is not None and have != want:
+                raise SinkError(
+                    f"pipeline '{self.pipeline}': {self.role} table {self.uri} has {key}={have}, but the source "
+                    f"now says {want}. The topic/stream was recreated or the table belongs to another pipeline; "
+                    "refusing to ingest silently. Use a new table path, or delete the table to start over.")
+
+    # ------------------------------------------------------------ writing
+    def append(self, frame: pl.DataFrame, txns: dict[str, int], metadata: dict[str, Any],
+               identity: dict[str, str], partition_by: list[str] | None = None) -> Committed:
+        """Append `frame` in one commit carrying one Transaction per app id (even with zero rows)."""
+        table = self.table(refresh=False)
+        new_table = table is None
+        if not new_table:
+            self._check_schema_change(table, frame)
+        commit = CommitProperties(
+            app_transactions=[Transaction(app_id, version) for app_id, version in txns.items()],
+            custom_metadata={k: v for k, v in metadata.items() if v is not None},
+        )
+        arrow = frame.to_arrow()
+        try:
+            write_deltalake(
+                table if table is not None else self.uri, arrow, mode="append", schema_mode="merge",
+                partition_by=(partition_by or None) if new_table else None,
+                storage_options=self.storage_options if new_table else None,
+                commit_properties=commit,
+            )
+        except CommitFailedError as exc:
+            if "oncurrent" in str(exc):
+                raise ConcurrentBatchError(str(exc)) from exc
+            raise
+        if new_table:
+            self._table = None
+            table = self.table(refresh=False)
+            assert table is not None
+            props = {PROP_PREFIX + "pipeline": self.pipeline, PROP_PREFIX + "role": self.role,
+                     **{PROP_PREFIX + k: v for k, v in identity.items()}}
+            table.alter.set_table_properties(props, raise_if_not_exists=False)
+            table.update_incremental()
+            return Committed(table.version() - 1, frame.height)
+        table.update_incremental()
+        return Committed(table.version(), frame.height)
+
+    def _check_schema_change(self, table: DeltaTable, frame: pl.DataFrame) -> None:
+        existing = {f.name: f.type for f in table.schema().fields}
+        incoming = Schema.from_arrow(frame.to_arrow().schema)
+        for field in incoming.fields:
+            have = existing.get(field.name)
+            if have is not None and _type_name(have) != _type_name(field.type):
+                raise SinkError(
+                    f"pipeline '{self.pipeline}': column '{field.name}' is {_type_name(have)} in {self.uri} but the "
+                    f"schema now makes it {_type_name(field.type)}. Delta can add columns but not change a type. "
+                    f"Revert the dtype of '{field.name}', add a new column under another name, or point "
+                    "`table:` at a new table and replay into it.")
+
+    # ------------------------------------------------------------ reading rows
+    def offsets_in(self, app_partition: int, stream_filter: str | None, low: int, high: int) -> set[int]:
+        """Offsets in (low, high] of one partition already in this table (used when quarantine is ahead)."""
+        table = self.table(refresh=False)
+        if table is None:
+            return set()
+        frame = pl.scan_delta(self.uri, storage_options=self.storage_options).filter(
+            (pl.col("_partition") == app_partition) & (pl.col("_offset") > low) & (pl.col("_offset") <= high)
+        )
+        if stream_filter is not None:
+            frame = frame.filter(pl.col("_stream") == stream_filter)
+        return set(frame.select("_offset").collect().get_column("_offset").to_list())
+
+    def row_count(self) -> int:
+        table = self.table()
+        if table is None:
+            return 0
+        return int(table.count())
+
+
+def _type_name(delta_type: Any) -> str:
+    text = str(delta_type)
+    # PrimitiveType("long") → long; nested types compare by their full text
+    if text.startswith('PrimitiveType("'):
+        return text[len('PrimitiveType("'):-2]
+    return text
+

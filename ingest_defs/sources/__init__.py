@@ -1,0 +1,1 @@
+"""Broker sources, one module each, all behind the protocol in `base`."""

@@ -1,0 +1,265 @@
+"""Apache Kafka source (confluent-kafka): exact per-partition ranges, read_committed, group commit after Delta.
+
+Traps handled here (see shared design): watermarks are the last stable offset only under read_committed;
+`position()` is wrong after EOF (librdkafka#4844), so coverage comes from the offsets and EOF events we
+see; a range may end in transaction markers or aborted records, so "covered" can exceed "last read".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ingest_defs.config import PipelineSpec, expand_env
+from ingest_defs.sources.base import (
+    Gap,
+    PartitionRange,
+    PartitionState,
+    Plan,
+    RawBatch,
+    SourceError,
+    StoredVersion,
+)
+
+CONSUME_CHUNK = 10_000
+READ_STALL_SECONDS = 60.0  # a planned range that yields nothing for this long is an error, not a hang
+
+
+class KafkaSource:
+    kind = "kafka"
+
+    def __init__(self, spec: PipelineSpec, client_config: dict[str, Any]):
+        kafka = spec.source.kafka
+        assert kafka is not None
+        self.spec = spec
+        self.topic = kafka.topic
+        self.group_id = kafka.group_id or f"ingest-{spec.name}"
+        passthrough = {k: expand_env(spec.name, f"source.kafka.config.{k}", v) for k, v in kafka.config.items()}
+        self.client_config = {**client_config, **passthrough}
+        self._consumer: Consumer | None = None
+
+    # ------------------------------------------------------------ helpers
+    def app_id(self, partition: int) -> str:
+        return f"{self.spec.name}/kafka/{self.topic}/{partition}"
+
+    def _consumer_for(self, max_bytes: int = 64 * 1024 * 1024, partitions: int = 1) -> Consumer:
+        if self._consumer is None:
+            # Bound librdkafka's prefetch so memory follows the batch, not the backlog.
+            queued_kb = max(1024, min(65536, max_bytes // 1024 // max(1, partitions)))
+            self._consumer = Consumer({
+                **self.client_config,
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "auto.offset.reset": "error",
+                "queued.max.messages.kbytes": queued_kb,
+                "client.id": f"ingest-{self.spec.name}",
+            })
+        return self._consumer
+
+    def _partition_ids(self) -> list[int]:
+        metadata = self._consumer_for().list_topics(self.topic, timeout=15)
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            reason = topic.error.str() if topic is not None and topic.error else "not in metadata"
+            raise SourceError(
+                f"pipeline '{self.spec.name}': Kafka topic '{self.topic}' is not available ({reason}). "
+                f"Create it (e.g. `ingest produce {self.spec.name} --count 0`) or fix source.kafka.topic.")
+        return sorted(topic.partitions)
+
+    def _watermarks(self, partition: int) -> tuple[int, int]:
+        # Under read_committed the high watermark is the last stable offset (librdkafka#3428).
+        return self._consumer_for().get_watermark_offsets(
+            TopicPartition(self.topic, partition), timeout=15, cached=False)
+
+    # ------------------------------------------------------------ protocol
+    def plan(self, stored: StoredVersion, max_messages: int) -> Plan:
+        wanted: list[tuple[int, int, int]] = []  # (partition, start, available)
+        gaps: list[Gap] = []
+        for partition in self._partition_ids():
+            low, high = self._watermarks(partition)
+            version = stored(self.app_id(partition))
+            start = low if version is None else version + 1
+            if version is not None and version > high - 1:
+                raise SourceError(
+                    f"pipeline '{self.spec.name}': table records offset {version} for {self.topic}[{partition}] "
+                    f"but the broker ends at {high - 1}. The topic was recreated or truncated; refusing to "
+                    "re-ingest silently. Point the pipeline at a new table or delete the table's history.")
+            if start < low:
+                gaps.append(Gap(self.app_id(partition), partition, start, low - 1,
+                                "retention or compaction deleted them"))
+                start = low
+            if high > start:
+                wanted.append((partition, start, high - start))
+        ranges, lag_after = _share_budget(wanted, max_messages, self.app_id)
+        return Plan(ranges=ranges, gaps=gaps, lag_after=lag_after)
+
+    def read(self, plan: Plan, max_bytes: int) -> RawBatch:
+        consumer = self._consumer_for(max_bytes, len(plan.ranges))
+        by_partition = {r.partition: r for r in plan.ranges}
+        consumer.assign([TopicPartition(self.topic, r.partition, r.start) for r in plan.ranges])
+        payloads: list[bytes] = []
+        offsets: list[int] = []
+        partitions: list[int] = []
+        keys: list[bytes | None] = []
+        headers: list[Any] = []
+        timestamps: list[int | None] = []
+        covered_end = {r.partition: r.start - 1 for r in plan.ranges}
+        open_parts = set(by_partition)
+        nbytes = 0
+        last_progress = time.monotonic()
+        eof_code = KafkaError._PARTITION_EOF
+        try:
+            while open_parts:
+                msgs = consumer.consume(CONSUME_CHUNK, 1.0)
+                if not msgs:
+                    if time.monotonic() - last_progress > READ_STALL_SECONDS:
+                        raise SourceError(
+                            f"pipeline '{self.spec.name}': no data from {self.topic} partitions "
+                            f"{sorted(open_parts)} for {READ_STALL_SECONDS:.0f}s while reading a planned range")
+                    continue
+                last_progress = time.monotonic()
+                for m in msgs:
+                    p = m.partition()
+                    if p not in open_parts:
+                        continue
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == eof_code:
+                            # Everything up to the EOF offset was seen or skipped (markers, aborted records).
+                            covered_end[p] = min(by_partition[p].end, m.offset() - 1)
+                            open_parts.discard(p)
+                            consumer.pause([TopicPartition(self.topic, p)])
+                            continue
+                        raise KafkaException(err)
+                    o = m.offset()
+                    end = by_partition[p].end
+                    if o > end:
+                        covered_end[p] = end
+                        open_parts.discard(p)
+                        consumer.pause([TopicPartition(self.topic, p)])
+                        continue
+                    value = m.value()
+                    payloads.append(value if value is not None else b"")
+                    offsets.append(o)
+                    partitions.append(p)
+                    keys.append(m.key())
+                    headers.append(m.headers())
+                    timestamps.append(m.timestamp()[1])
+                    covered_end[p] = o
+                    if value is not None:
+                        nbytes += len(value)
+                    if o == end:
+                        open_parts.discard(p)
+                        consumer.pause([TopicPartition(self.topic, p)])
+                if nbytes >= max_bytes and open_parts:
+                    open_parts.clear()  # max_bytes ends the batch early; coverage is what we saw
+        finally:
+            consumer.unassign()
+        covered = [PartitionRange(r.app_id, r.partition, r.start, covered_end[r.partition]) for r in plan.ranges]
+        return RawBatch(payloads=payloads, offsets=offsets, partitions=partitions, streams=self.topic,
+                        keys=keys, headers=headers, timestamps_ms=timestamps, covered=covered, nbytes=nbytes)
+
+    def acknowledge(self, batch: RawBatch) -> None:
+        # The group is bookkeeping for lag tools; the Delta log stays the truth.
+        offsets = [TopicPartition(self.topic, r.partition, r.end + 1) for r in batch.covered if r.count > 0]
+        if offsets:
+            self._consumer_for().commit(offsets=offsets, asynchronous=False)
+
+    def state(self) -> list[PartitionState]:
+        out = []
+        for partition in self._partition_ids():
+            low, high = self._watermarks(partition)
+            out.append(PartitionState(self.app_id(partition), partition,
+                                      low if high > low else None, high - 1 if high > low else None))
+        return out
+
+    def committed(self) -> dict[int, int | None]:
+        """The group's committed next offsets per partition (None: nothing committed)."""
+        tps = [TopicPartition(self.topic, p) for p in self._partition_ids()]
+        result = self._consumer_for().committed(tps, timeout=15)
+        return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in result}
+
+    def identity(self) -> dict[str, str]:
+        admin = AdminClient(self._admin_config())
+        future = admin.describe_topics(TopicCollection([self.topic]))[self.topic]
+        description = future.result(timeout=15)
+        return {"kafka.topic": self.topic, "kafka.topic_id": str(description.topic_id)}
+
+    def publish(self, payloads: Sequence[bytes], keys: Sequence[bytes | None] | None = None) -> int:
+        producer = Producer({**self._admin_config(), "linger.ms": 20, "acks": "all",
+                             "enable.idempotence": True, "batch.num.messages": 10000})
+        delivered = 0
+        failures: list[str] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            nonlocal delivered
+            if err is None:
+                delivered += 1
+            else:
+                failures.append(str(err))
+
+        for i, value in enumerate(payloads):
+            key = keys[i] if keys is not None else None
+            while True:
+                try:
+                    producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            if i % 10000 == 0:
+                producer.poll(0)
+        remaining = producer.flush(60)
+        if remaining or failures:
+            raise SourceError(f"pipeline '{self.spec.name}': {remaining} messages not delivered, "
+                              f"{len(failures)} failed ({failures[:1]})")
+        return delivered
+
+    def ensure_exists(self) -> None:
+        admin = AdminClient(self._admin_config())
+        partitions = self.spec.source.kafka.partitions
+        futures = admin.create_topics([NewTopic(self.topic, num_partitions=partitions, replication_factor=1)])
+        try:
+            futures[self.topic].result(timeout=30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def _admin_config(self) -> dict[str, Any]:
+        # Consumer-only settings would make producers/admin clients warn; pass connection settings only.
+        return {k: v for k, v in self.client_config.items()
+                if not k.startswith(("fetch.", "queued.", "isolation.", "auto.offset", "session.", "group."))}
+
+
+def _share_budget(wanted: list[tuple[int, int, int]], max_messages: int,
+                  app_id: Any) -> tuple[list[PartitionRange], int]:
+    """Split a batch's message budget over partitions with data, fairly; returns ranges and lag beyond them."""
+    remaining = max_messages
+    takes = {p: 0 for p, _, _ in wanted}
+    pending = [w for w in wanted]
+    while remaining > 0 and pending:
+        share = max(1, remaining // len(pending))
+        next_pending = []
+        for p, start, available in pending:
+            take = min(share, available - takes[p], remaining)
+            takes[p] += take
+            remaining -= take
+            if takes[p] < available:
+                next_pending.append((p, start, available))
+            if remaining == 0:
+                break
+        pending = next_pending
+    ranges = [PartitionRange(app_id(p), p, start, start + takes[p] - 1) for p, start, _ in wanted if takes[p] > 0]
+    lag_after = sum(available for _, _, available in wanted) - sum(takes.values())
+    return ranges, lag_after

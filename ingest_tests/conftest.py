@@ -1,0 +1,171 @@
+"""Shared fixtures: the real broker stack (one per session), a lake and a Dagster instance per test,
+and helpers that build a pipeline on a topic of its own and run it through its Dagster job."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from ingest_defs.assets.ingestion import job_name, op_name
+from ingest_defs.config import REPO_ROOT, PipelineSpec, parse_pipeline
+from ingest_defs.definitions import build_definitions
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[None]:
+    """The brokers on their default ports: reuse the stack `make test` started, or start it."""
+    from ingest_defs.stack import manager
+
+    if manager.status() != 0:
+        assert manager.up() == 0, "could not start the broker stack"
+    yield
+
+
+@pytest.fixture
+def lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "lake"
+    monkeypatch.setenv("LAKE_ROOT", str(root))
+    return root
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+
+
+USER_ACTIVITY_SCHEMA = {
+    "columns": {
+        "id": {"dtype": "int64", "nullable": False, "checks": {"ge": 0}},
+        "event": {"dtype": "string", "checks": {"isin": ["user_activity", "click"]}},
+        "value": {"dtype": "int64"},
+    }
+}
+
+
+def kafka_spec(name: str | None = None, partitions: int = 3, **overrides: Any) -> PipelineSpec:
+    """A user_activity-like pipeline on a fresh topic of its own."""
+    name = name or unique("kp")
+    raw: dict[str, Any] = {
+        "source": {"kafka": {"topic": f"t_{name}", "partitions": partitions}},
+        "schema": USER_ACTIVITY_SCHEMA,
+        "table": f"bronze/{name}",
+        "batch": {"max_messages": 1000},
+        "trigger": {"sensor": {"interval_seconds": 5}},
+    }
+    raw.update(overrides)
+    return parse_pipeline(name, raw)
+
+
+def write_pipelines_file(path: Path, specs: list[PipelineSpec]) -> Path:
+    doc = {"pipelines": {s.name: s.model_dump(by_alias=True, exclude={"name"}, exclude_none=True, mode="json")
+                         for s in specs}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_job(spec: PipelineSpec, instance: dg.DagsterInstance, **config: Any) -> dg.ExecuteInProcessResult:
+    """One run of the pipeline's job, in process (the same job a sensor launches)."""
+    defs = build_definitions({spec.name: spec})
+    job = defs.resolve_job_def(job_name(spec))
+    return job.execute_in_process(
+        run_config={"ops": {op_name(spec): {"config": config}},
+                    "loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        instance=instance, raise_on_error=False)
+
+
+def run_until_caught_up(spec: PipelineSpec, instance: dg.DagsterInstance, max_runs: int = 50,
+                        **config: Any) -> list[dg.ExecuteInProcessResult]:
+    results = []
+    for _ in range(max_runs):
+        result = run_job(spec, instance, max_batches=1, **config)
+        assert result.success, failure_message(result)
+        results.append(result)
+        mat = materialization(result, spec)
+        if mat["messages"] == 0 and mat["lag"] == 0:
+            return results
+    raise AssertionError(f"{spec.name} not caught up after {max_runs} runs")
+
+
+def materialization(result: dg.ExecuteInProcessResult, spec: PipelineSpec) -> dict[str, Any]:
+    from ingest_defs.assets.ingestion import target_key
+
+    mats = [m for m in result.asset_materializations_for_node(op_name(spec)) if m.asset_key == target_key(spec)]
+    assert mats, "no materialization of the target table"
+    return {k: v.value for k, v in mats[-1].metadata.items()}
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_failure:
+            data = event.event_specific_data
+            error = getattr(data, "error", None)
+            if error is not None:
+                return error.to_string()
+    return "run failed"
+
+
+def read_table(uri: str) -> pl.DataFrame:
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        DeltaTable(uri)
+    except TableNotFoundError:
+        return pl.DataFrame()
+    return pl.read_delta(uri)
+
+
+def landed(spec: PipelineSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    return read_table(spec.table_uri()), read_table(spec.quarantine_uri())
+
+
+def offsets_of(frame: pl.DataFrame) -> list[tuple[int, int]]:
+    if frame.is_empty():
+        return []
+    return list(zip(frame["_partition"].to_list(), frame["_offset"].to_list(), strict=True))
+
+
+def assert_exactly_once(spec: PipelineSpec, produced: set[tuple[int, int]]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """target ∪ quarantine holds each produced (partition, offset) exactly once, and nothing else."""
+    target, quarantine = landed(spec)
+    t, q = offsets_of(target), offsets_of(quarantine)
+    assert len(t) == len(set(t)), f"doubled in target: {len(t) - len(set(t))}"
+    assert len(q) == len(set(q)), f"doubled in quarantine: {len(q) - len(set(q))}"
+    assert not set(t) & set(q), f"in both tables: {sorted(set(t) & set(q))[:5]}"
+    union = set(t) | set(q)
+    assert union == produced, f"lost {len(produced - union)}, unexpected {len(union - produced)}"
+    return target, quarantine
+
+
+def ingest_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `ingest` command in a child process (crash tests SIGKILL it at a fault point)."""
+    return subprocess.run([sys.executable, "-m", "ingest_defs.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

@@ -1,0 +1,87 @@
+"""The pipelines file: every mistake names the pipeline, the key and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ingest_defs.config import ConfigError, load_pipelines, parse_pipeline
+from ingest_defs.sources.mqtt_topics import filters_overlap, topic_matches
+
+BASE = {
+    "source": {"kafka": {"topic": "t"}},
+    "schema": {"columns": {"id": {"dtype": "int64"}}},
+    "table": "bronze/t",
+}
+
+
+def with_(path: str, value):
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    node = raw
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node[key] = dict(node.get(key, {}))
+        node = node[key]
+    if value is KeyError:
+        node.pop(keys[-1])
+    else:
+        node[keys[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key", "fix"),
+    [
+        ("sourse", {}, "sourse", "remove 'sourse'"),
+        ("source.kafka.topic", KeyError, "source.kafka.topic", "add `topic:` under pipelines.p.source.kafka"),
+        ("batch", {"max_messages": "lots"}, "batch.max_messages", "whole number"),
+        ("schema", {"columns": {"id": {"dtype": "int65"}}}, "schema.columns.id.dtype", "use one of int8"),
+        ("schema", {"model": "nowhere.at_all:Model"}, "schema.model", "check the module path"),
+        ("schema", {"model": "ingest_defs.config:PipelineSpec"}, "schema.model", "DataFrameModel"),
+        ("on_gap", "ignore", "on_gap", "allowed values"),
+        ("source", {"kafka": {"topic": "t"}, "nats": {"stream": "s", "subject": "s.>"}}, "source", "one source block"),
+        ("schema", {"columns": {"id": {"dtype": "int64", "checks": {"between": 1}}}}, "schema.columns.id.checks", "use one of"),
+        ("partition_by", ["nope"], "partition_by", "use one of id"),
+    ],
+)
+def test_mistakes_name_pipeline_key_and_fix(path, value, key, fix):
+    with pytest.raises(ConfigError) as err:
+        parse_pipeline("p", with_(path, value))
+    message = str(err.value)
+    assert "pipeline 'p'" in message
+    assert f"key '{key}'" in message
+    assert fix in message
+
+
+def test_mqtt_overlapping_filters_are_rejected():
+    raw = {**BASE, "source": {"mqtt": {"topics": ["x/#", "x/+/t"]}}}
+    with pytest.raises(ConfigError, match="overlap"):
+        parse_pipeline("p", raw)
+
+
+def test_filter_logic():
+    assert filters_overlap("x/#", "x/+/t")
+    assert filters_overlap("a/+/c", "a/b/+")
+    assert not filters_overlap("a/b", "a/c")
+    assert not filters_overlap("a/+", "a/b/c")
+    assert topic_matches("iot/sensors/+/temperature", "iot/sensors/s1/temperature")
+    assert not topic_matches("iot/+", "iot/a/b")
+    assert topic_matches("iot/#", "iot/a/b")
+
+
+def test_shipped_file_loads():
+    specs = load_pipelines()
+    assert "user_activity" in specs
+    assert specs["user_activity"].source.kafka.topic == "user_activity_events"
+
+
+def test_ingest_validate_prints_the_error_and_fails(tmp_path: Path):
+    bad = tmp_path / "pipelines.yaml"
+    bad.write_text("pipelines:\n  p:\n    source: {kafka: {}}\n    schema: {columns: {id: {dtype: int64}}}\n    table: t\n")
+    proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True,
+                          env={"INGEST_PIPELINES": str(bad), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "pipeline 'p'" in proc.stdout and "source.kafka.topic" in proc.stdout
+    good = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
