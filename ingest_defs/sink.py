@@ -104,9 +104,9 @@ class DeltaTableSink:
                 commit_properties=commit,
             )
         except CommitFailedError as exc:
-            if "oncurrent" in str(exc):
-                raise ConcurrentBatchError(str(exc)) from exc
-            raise
+            # Nothing of ours landed: a concurrent txn on our app id, a concurrent table creation, or a
+            # metadata change. The caller re-plans from Delta, so whatever the other writer did is kept.
+            raise ConcurrentBatchError(str(exc)) from exc
         if new_table:
             self._table = None
             table = self.table(refresh=False)

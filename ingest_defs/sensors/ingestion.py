@@ -65,8 +65,8 @@ def build_ingestion_sensor(spec: PipelineSpec, job: dg.UnresolvedAssetJobDefinit
         required_resource_keys={kind},
         description=f"Requests a bounded micro-batch of {spec.name} when the broker has messages beyond Delta.",
     )
-    def _sensor(context: dg.SensorEvaluationContext):
-        source = getattr(context.resources, kind).source_for(spec)
+    def _sensor(context: dg.SensorEvaluationContext, **resources):
+        source = resources[kind].source_for(spec)
         return plan_run_request(context, spec, source, "sensor")
 
     return _sensor

@@ -103,7 +103,9 @@ class KafkaSource:
     def read(self, plan: Plan, max_bytes: int) -> RawBatch:
         consumer = self._consumer_for(max_bytes, len(plan.ranges))
         by_partition = {r.partition: r for r in plan.ranges}
-        consumer.assign([TopicPartition(self.topic, r.partition, r.start) for r in plan.ranges])
+        assigned = [TopicPartition(self.topic, r.partition, r.start) for r in plan.ranges]
+        consumer.assign(assigned)
+        consumer.resume(assigned)  # a partition paused by an earlier batch of this run stays paused otherwise
         payloads: list[bytes] = []
         offsets: list[int] = []
         partitions: list[int] = []
