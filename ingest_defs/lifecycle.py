@@ -163,7 +163,12 @@ class BatchRunner:
         raw = self.source.read(plan, self.spec.batch.max_bytes)
         fault_point("after_read")
         result.covered, result.messages, result.nbytes = raw.covered, len(raw), raw.nbytes
-        result.lag_after = plan.lag_after + sum(p.count - c.count for p, c in zip(plan.ranges, raw.covered, strict=False))
+        if raw.lag_after is not None:
+            result.lag_after = raw.lag_after
+        elif plan.bounded:
+            result.lag_after = plan.lag_after + sum(p.count - c.count for p, c in zip(plan.ranges, raw.covered, strict=False))
+        else:
+            result.lag_after = plan.lag_after
 
         good, bad = self._rows(raw, result)
         app_ids = [r.app_id for r in raw.covered]

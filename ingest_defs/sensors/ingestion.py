@@ -39,7 +39,9 @@ def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, so
     generation = int(cursor.get(start_sig, 0))
     run_key = f"{spec.name}:{start_sig}:{generation}"
     previous = context.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
-    if previous and previous[0].status in RETRYABLE:
+    # Unbounded plans (MQTT, work queues) start where the last run ended even when it found nothing:
+    # a finished run must not block the next request for the same start.
+    if previous and (previous[0].status in RETRYABLE or not plan.bounded):
         generation += 1
         run_key = f"{spec.name}:{start_sig}:{generation}"
     context.update_cursor(json.dumps({start_sig: generation}))

@@ -88,6 +88,9 @@ class RawBatch:
     extra_columns: dict[str, Sequence[Any]] = field(default_factory=dict)
     # What `acknowledge` needs (e.g. pending MQTT message ids); opaque to the lifecycle.
     ack_token: Any = None
+    # Messages left on the broker after this batch, when the source knows better than the plan did
+    # (unbounded plans: NATS work queues report num_pending; None: derive it from the plan).
+    lag_after: int | None = None
 
     def __len__(self) -> int:
         return len(self.payloads)
