@@ -415,6 +415,13 @@ def load_pipelines(path: Path | str | None = None) -> dict[str, PipelineSpec]:
     return specs
 
 
+def dump_pipelines(specs: list[PipelineSpec]) -> str:
+    """The YAML of a pipelines file holding `specs` (tests and benchmarks write their own files)."""
+    doc = {"pipelines": {s.name: s.model_dump(by_alias=True, exclude={"name"}, exclude_none=True, mode="json")
+                         for s in specs}}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def _check_unique_tables(specs: dict[str, PipelineSpec], file: Path | None) -> None:
     seen: dict[str, str] = {}
     for spec in specs.values():

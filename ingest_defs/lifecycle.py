@@ -58,6 +58,7 @@ class BatchResult:
     started_at: float = 0.0
     duration_s: float = 0.0
     skipped: str | None = None  # why nothing was written (e.g. another writer did it)
+    stage_s: dict[str, float] = field(default_factory=dict)  # read, decode, write, ack: where the time goes
     reasons: Counter[str] = field(default_factory=Counter)
 
     def summary(self, pipeline: str) -> str:
@@ -161,6 +162,7 @@ class BatchRunner:
         t0 = time.monotonic()
         result = BatchResult(batch_id=str(ULID()), planned=plan.ranges, started_at=time.time())
         raw = self.source.read(plan, self.spec.batch.max_bytes)
+        result.stage_s["read"] = time.monotonic() - t0
         fault_point("after_read")
         result.covered, result.messages, result.nbytes = raw.covered, len(raw), raw.nbytes
         if raw.lag_after is not None:
@@ -170,7 +172,10 @@ class BatchRunner:
         else:
             result.lag_after = plan.lag_after
 
+        t1 = time.monotonic()
         good, bad = self._rows(raw, result)
+        result.stage_s["decode_validate"] = time.monotonic() - t1
+        t1 = time.monotonic()
         app_ids = [r.app_id for r in raw.covered]
         fresh_target = self.target.versions(app_ids)
         fresh_quarantine = self.quarantine.versions(app_ids)
@@ -196,8 +201,11 @@ class BatchRunner:
             result.skipped = "another writer committed the same ranges first; re-planning"
             result.duration_s = time.monotonic() - t0
             return result
+        result.stage_s["write"] = time.monotonic() - t1
         fault_point("after_target_commit")
+        t1 = time.monotonic()
         self.source.acknowledge(raw)
+        result.stage_s["ack"] = time.monotonic() - t1
         fault_point("after_ack")
         result.duration_s = time.monotonic() - t0
         return result

@@ -16,10 +16,9 @@ from typing import Any
 import dagster as dg
 import polars as pl
 import pytest
-import yaml
 
 from ingest_defs.assets.ingestion import job_name, op_name
-from ingest_defs.config import REPO_ROOT, PipelineSpec, parse_pipeline
+from ingest_defs.config import REPO_ROOT, PipelineSpec, dump_pipelines, parse_pipeline
 from ingest_defs.definitions import build_definitions
 
 _counter = itertools.count()
@@ -79,9 +78,7 @@ def kafka_spec(name: str | None = None, partitions: int = 3, **overrides: Any) -
 
 
 def write_pipelines_file(path: Path, specs: list[PipelineSpec]) -> Path:
-    doc = {"pipelines": {s.name: s.model_dump(by_alias=True, exclude={"name"}, exclude_none=True, mode="json")
-                         for s in specs}}
-    path.write_text(yaml.safe_dump(doc))
+    path.write_text(dump_pipelines(specs))
     return path
 
 

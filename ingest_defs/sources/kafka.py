@@ -116,7 +116,6 @@ class KafkaSource:
         open_parts = set(by_partition)
         nbytes = 0
         last_progress = time.monotonic()
-        eof_code = KafkaError._PARTITION_EOF
         try:
             while open_parts:
                 msgs = consumer.consume(CONSUME_CHUNK, 1.0)
@@ -127,39 +126,28 @@ class KafkaSource:
                             f"{sorted(open_parts)} for {READ_STALL_SECONDS:.0f}s while reading a planned range")
                     continue
                 last_progress = time.monotonic()
-                for m in msgs:
-                    p = m.partition()
-                    if p not in open_parts:
-                        continue
-                    err = m.error()
-                    if err is not None:
-                        if err.code() == eof_code:
-                            # Everything up to the EOF offset was seen or skipped (markers, aborted records).
-                            covered_end[p] = min(by_partition[p].end, m.offset() - 1)
+                limits = {p: by_partition[p].end for p in open_parts}
+                offs = [m.offset() for m in msgs]
+                parts = [m.partition() for m in msgs]
+                if all(o <= limits.get(p, -1) for p, o in zip(parts, offs, strict=True)) and not any(m.error() for m in msgs):
+                    # Fast path, the common case: a whole chunk of data inside the open ranges.
+                    values = [m.value() or b"" for m in msgs]
+                    payloads.extend(values)
+                    offsets.extend(offs)
+                    partitions.extend(parts)
+                    keys.extend([m.key() for m in msgs])
+                    headers.extend([m.headers() for m in msgs])
+                    timestamps.extend([m.timestamp()[1] for m in msgs])
+                    nbytes += sum(map(len, values))
+                    for p, o in zip(parts, offs, strict=True):
+                        covered_end[p] = o
+                    for p in set(parts):
+                        if covered_end[p] == limits[p]:
                             open_parts.discard(p)
                             consumer.pause([TopicPartition(self.topic, p)])
-                            continue
-                        raise KafkaException(err)
-                    o = m.offset()
-                    end = by_partition[p].end
-                    if o > end:
-                        covered_end[p] = end
-                        open_parts.discard(p)
-                        consumer.pause([TopicPartition(self.topic, p)])
-                        continue
-                    value = m.value()
-                    payloads.append(value if value is not None else b"")
-                    offsets.append(o)
-                    partitions.append(p)
-                    keys.append(m.key())
-                    headers.append(m.headers())
-                    timestamps.append(m.timestamp()[1])
-                    covered_end[p] = o
-                    if value is not None:
-                        nbytes += len(value)
-                    if o == end:
-                        open_parts.discard(p)
-                        consumer.pause([TopicPartition(self.topic, p)])
+                else:
+                    nbytes += self._take_one_by_one(msgs, by_partition, open_parts, covered_end, payloads, offsets,
+                                                    partitions, keys, headers, timestamps)
                 if nbytes >= max_bytes and open_parts:
                     open_parts.clear()  # max_bytes ends the batch early; coverage is what we saw
         finally:
@@ -167,6 +155,47 @@ class KafkaSource:
         covered = [PartitionRange(r.app_id, r.partition, r.start, covered_end[r.partition]) for r in plan.ranges]
         return RawBatch(payloads=payloads, offsets=offsets, partitions=partitions, streams=self.topic,
                         keys=keys, headers=headers, timestamps_ms=timestamps, covered=covered, nbytes=nbytes)
+
+    def _take_one_by_one(self, msgs: list[Any], by_partition: dict[int, PartitionRange], open_parts: set[int],
+                         covered_end: dict[int, int], payloads: list[bytes], offsets: list[int],
+                         partitions: list[int], keys: list[Any], headers: list[Any], timestamps: list[Any]) -> int:
+        """Slow path for a chunk holding a range end, an EOF event or an error. Returns bytes taken."""
+        consumer = self._consumer_for()
+        nbytes = 0
+        for m in msgs:
+            p = m.partition()
+            if p not in open_parts:
+                continue
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    # Everything up to the EOF offset was seen or skipped (markers, aborted records).
+                    covered_end[p] = min(by_partition[p].end, m.offset() - 1)
+                    open_parts.discard(p)
+                    consumer.pause([TopicPartition(self.topic, p)])
+                    continue
+                raise KafkaException(err)
+            o = m.offset()
+            end = by_partition[p].end
+            if o > end:
+                covered_end[p] = end
+                open_parts.discard(p)
+                consumer.pause([TopicPartition(self.topic, p)])
+                continue
+            value = m.value()
+            payloads.append(value if value is not None else b"")
+            offsets.append(o)
+            partitions.append(p)
+            keys.append(m.key())
+            headers.append(m.headers())
+            timestamps.append(m.timestamp()[1])
+            covered_end[p] = o
+            if value is not None:
+                nbytes += len(value)
+            if o == end:
+                open_parts.discard(p)
+                consumer.pause([TopicPartition(self.topic, p)])
+        return nbytes
 
     def acknowledge(self, batch: RawBatch) -> None:
         # The group is bookkeeping for lag tools; the Delta log stays the truth.

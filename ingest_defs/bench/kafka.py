@@ -1,0 +1,126 @@
+"""Kafka: our batch path (read → decode → validate → Delta commit → offset commit) against a bare
+batch `consume()` loop over the same messages, in the same run.
+
+A: in-run ratio, from the first broker read to the last ack. B: the same backlog drained by
+`ingest run` in a fresh process (Dagster run start-up included), as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from rich.progress import Progress
+
+from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
+from ingest_defs.lifecycle import BatchContext, BatchRunner
+from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
+from ingest_defs.sink import DeltaTableSink
+
+BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_KAFKA)
+SCHEMA = {"columns": {
+    "id": {"dtype": "int64", "nullable": False, "checks": {"ge": 0}},
+    "event": {"dtype": "string", "checks": {"isin": ["user_activity", "click"]}},
+    "value": {"dtype": "int64"},
+    "page": {"dtype": "string"},
+    "session": {"dtype": "string"},
+}}
+
+
+def _payload(i: int) -> bytes:
+    # ~150 bytes of JSON, like the issue's messages
+    return json.dumps({"id": i, "event": "click" if i % 3 else "user_activity", "value": i % 1000,
+                       "page": f"/products/{i % 5000:05d}/details", "session": f"s-{i * 7919 % 10**12:012d}-abcdef"},
+                      separators=(",", ":")).encode()
+
+
+def _produce(topic: str, messages: int, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})  # keep a reference until the future resolves
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 50, "batch.num.messages": 10000,
+                         "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000})
+    with Progress() as progress:
+        task = progress.add_task(f"producing {messages:,} to {topic}", total=messages)
+        for i in range(messages):
+            while True:
+                try:
+                    producer.produce(topic, _payload(i), key=str(i).encode(), partition=i % partitions)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            if i % 50_000 == 0:
+                producer.poll(0)
+                progress.update(task, completed=i)
+        producer.flush(120)
+        progress.update(task, completed=messages)
+
+
+def _bare_read(topic: str, messages: int, partitions: int) -> float:
+    """The bare client: batch consume() of the whole range, touching each message's value."""
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": f"bare-{topic}", "enable.auto.commit": False,
+                         "isolation.level": "read_committed", "enable.partition.eof": False})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    seen = 0
+    nbytes = 0
+    start = time.perf_counter()
+    while seen < messages:
+        for m in consumer.consume(10_000, 1.0):
+            if m.error() is None:
+                nbytes += len(m.value())
+                seen += 1
+    took = time.perf_counter() - start
+    consumer.close()
+    return messages / took
+
+
+def bench_kafka(messages: int, partitions: int, batch: int) -> dict[str, Any]:
+    topic = f"bench_{partitions}p_{int(time.time())}"
+    _produce(topic, messages, partitions)
+    bare = max(_bare_read(topic, messages, partitions) for _ in range(2))
+    lake = Path(tempfile.mkdtemp(prefix="bench-lake-"))
+    spec = parse_pipeline(f"bench_{partitions}p", {
+        "source": {"kafka": {"topic": topic, "partitions": partitions}}, "schema": SCHEMA,
+        "table": str(lake / "a" / "bronze"), "batch": {"max_messages": batch, "max_run_seconds": 3600}})
+    source = source_for(spec)
+    runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
+                         DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), BatchContext(trigger="bench"))
+    runner.identity()
+    start = time.perf_counter()
+    results = runner.run()
+    path_seconds = time.perf_counter() - start
+    source.close()
+    landed = sum(r.rows_written + r.rows_quarantined for r in results)
+    assert landed == messages, f"landed {landed} of {messages}"
+    read_s = sum(r.duration_s for r in results)
+    dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": str(lake / "b" / "bronze")}), messages)
+    return {
+        "name": f"kafka {partitions} partition(s)",
+        "messages": messages, "batch": batch, "batches": len(results),
+        "bare_rate": bare, "path_rate": messages / path_seconds, "ratio": messages / path_seconds / bare,
+        "batch_seconds": round(read_s, 2), "dagster_rate": dagster_rate, "ratio_b": dagster_rate / bare,
+    }
+
+
+def _via_dagster_runs(spec, messages: int) -> float:
+    """Drain the same backlog with `ingest run` in a fresh process, as a user would (start-up included)."""
+    work = Path(tempfile.mkdtemp(prefix="bench-dagster-"))
+    pipelines = work / "pipelines.yaml"
+    pipelines.write_text(dump_pipelines([spec]))
+    env = {**os.environ, "INGEST_PIPELINES": str(pipelines), "DAGSTER_HOME": str(work)}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "run", spec.name], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout + proc.stderr)
+    target = DeltaTableSink(spec.table_uri(), spec.name, "target")
+    assert target.row_count() == messages
+    return messages / took
