@@ -16,6 +16,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -56,8 +57,10 @@ class BatchResult:
     quarantine_version: int | None = None
     lag_after: int = 0
     started_at: float = 0.0
+    started_monotonic: float = 0.0
     duration_s: float = 0.0
     skipped: str | None = None  # why nothing was written (e.g. another writer did it)
+    safe_to_ack: bool = True  # False only when our commit failed (then the broker must keep the messages)
     stage_s: dict[str, float] = field(default_factory=dict)  # read, decode, write, ack: where the time goes
     reasons: Counter[str] = field(default_factory=Counter)
 
@@ -131,38 +134,94 @@ class BatchRunner:
     # ------------------------------------------------------------ catch-up loop
     def run(self, requested: list[PartitionRange] | None = None, max_batches: int = 0,
             max_seconds: float | None = None) -> list[BatchResult]:
+        """Consecutive batches until caught up, `max_batches`, or the time budget.
+
+        Bounded sources read ahead: batch N+1 is read from the broker while batch N is decoded and
+        committed on a worker thread (the broker read and the Delta write both release the GIL). Commits
+        and acknowledgements stay strictly in order, and a read-ahead batch is thrown away unless the
+        batch before it committed."""
         self.identity()
         budget = self.spec.batch.max_run_seconds if max_seconds is None else max_seconds
         started = time.monotonic()
         results: list[BatchResult] = []
-        while True:
-            plan = self.plan(requested if not results else None)
-            if plan.empty and requested is not None and not results:
-                requested = None  # the requested range was done elsewhere; catch up from where Delta stands
-                plan = self.plan()
-            self.handle_gaps(plan)
-            if plan.empty:
-                break
-            result = self.run_one(plan)
-            result.gaps = plan.gaps
-            results.append(result)
-            self.ctx.info(result.summary(self.spec.name))
-            if max_batches and len(results) >= max_batches:
-                break
-            if time.monotonic() - started >= budget:
-                break
-            if not plan.bounded and result.messages == 0:
-                break
-            if plan.bounded and result.lag_after == 0 and not result.skipped:
-                break
+        inflight: tuple[BatchResult, RawBatch, Future[BatchResult]] | None = None
+        known: dict[str, int | None] = {}  # versions as they will be once the in-flight batch commits
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{self.spec.name}") as writer:
+            try:
+                while True:
+                    if inflight is None:
+                        plan = self.plan(requested if not results else None)
+                        if plan.empty and requested is not None and not results:
+                            requested = None  # done elsewhere meanwhile: catch up from where Delta stands
+                            plan = self.plan()
+                    else:  # read ahead without touching Delta (the writer thread owns the tables now)
+                        plan = self.source.plan(known.get, self.spec.batch.max_messages)
+                    self.handle_gaps(plan)
+                    if plan.empty:
+                        break
+                    result, raw = self._read(plan)
+                    if inflight is not None:
+                        previous = self._finish(*inflight, results)
+                        inflight = None
+                        if previous.skipped:
+                            continue  # the read-ahead assumed a commit that did not happen: re-plan from Delta
+                    if plan.bounded:
+                        known.update(self._versions_after(raw, plan))
+                        inflight = (result, raw, writer.submit(self._write, result, raw))
+                    else:
+                        self._finish(result, raw, None, results)
+                        last = results[-1]
+                        if last.messages == 0 or not last.safe_to_ack:
+                            break  # unbounded sources: nothing more right now, or re-plan in a later run
+                    done = len(results) + (inflight is not None)
+                    if max_batches and done >= max_batches:
+                        break
+                    if time.monotonic() - started >= budget:
+                        break
+                    if plan.bounded and result.lag_after == 0:
+                        break
+            finally:
+                if inflight is not None:
+                    self._finish(*inflight, results)
         return results
+
+    def _versions_after(self, raw: RawBatch, plan: Plan) -> dict[str, int | None]:
+        """Where each partition will stand once this batch commits (for planning the next one)."""
+        versions: dict[str, int | None] = {}
+        for planned, covered in zip(plan.ranges, raw.covered, strict=True):
+            versions[planned.app_id] = covered.end if covered.count else planned.start - 1
+        return versions
+
+    def _finish(self, result: BatchResult, raw: RawBatch, future: Future[BatchResult] | None,
+                results: list[BatchResult]) -> BatchResult:
+        """Wait for the batch's commits, then acknowledge it to the broker (always on this thread)."""
+        if future is not None:
+            future.result()
+        else:
+            self._write(result, raw)
+        if result.safe_to_ack:
+            fault_point("after_target_commit")
+            t1 = time.monotonic()
+            self.source.acknowledge(raw)
+            result.stage_s["ack"] = time.monotonic() - t1
+            fault_point("after_ack")
+        result.duration_s = time.monotonic() - result.started_monotonic
+        results.append(result)
+        self.ctx.info(result.summary(self.spec.name))
+        return result
 
     # ------------------------------------------------------------ one batch
     def run_one(self, plan: Plan) -> BatchResult:
-        t0 = time.monotonic()
-        result = BatchResult(batch_id=str(ULID()), planned=plan.ranges, started_at=time.time())
+        """One batch, start to end: read, decode, validate, commit, acknowledge."""
+        result, raw = self._read(plan)
+        results: list[BatchResult] = []
+        return self._finish(result, raw, None, results)
+
+    def _read(self, plan: Plan) -> tuple[BatchResult, RawBatch]:
+        result = BatchResult(batch_id=str(ULID()), planned=plan.ranges, started_at=time.time(),
+                             started_monotonic=time.monotonic(), gaps=plan.gaps)
         raw = self.source.read(plan, self.spec.batch.max_bytes)
-        result.stage_s["read"] = time.monotonic() - t0
+        result.stage_s["read"] = time.monotonic() - result.started_monotonic
         fault_point("after_read")
         result.covered, result.messages, result.nbytes = raw.covered, len(raw), raw.nbytes
         if raw.lag_after is not None:
@@ -171,17 +230,26 @@ class BatchRunner:
             result.lag_after = plan.lag_after + sum(p.count - c.count for p, c in zip(plan.ranges, raw.covered, strict=False))
         else:
             result.lag_after = plan.lag_after
+        return result, raw
 
+    def _write(self, result: BatchResult, raw: RawBatch) -> BatchResult:
+        """Decode, validate, fence against Delta, commit quarantine then target. No acknowledgement."""
         t1 = time.monotonic()
         good, bad = self._rows(raw, result)
         result.stage_s["decode_validate"] = time.monotonic() - t1
         t1 = time.monotonic()
         app_ids = [r.app_id for r in raw.covered]
+        # Tables exist before the fence is read, so fence and commit share one snapshot.
+        self.target.ensure_exists(good, self.identity(), self.spec.partition_by)
+        if bad.height:
+            self.quarantine.ensure_exists(bad, self.identity())
         fresh_target = self.target.versions(app_ids)
         fresh_quarantine = self.quarantine.versions(app_ids)
+        if not any(r.count for r in raw.covered):
+            result.skipped = "nothing new"  # still acknowledged: e.g. MQTT redeliveries already in Delta
+            return result
         if all(_done(r, fresh_target.get(r.app_id)) for r in raw.covered):
             result.skipped = "already in Delta (another run committed these ranges)"
-            result.duration_s = time.monotonic() - t0
             return result
         good = self._drop_written(good, raw.covered, fresh_target)
         good = self._drop_quarantined(good, raw.covered, fresh_target, fresh_quarantine)
@@ -191,23 +259,17 @@ class BatchRunner:
         try:
             if bad.height:
                 txns = {r.app_id: _max(r.end, fresh_quarantine.get(r.app_id)) for r in raw.covered if r.count}
-                committed = self.quarantine.append(bad, txns, meta, self.identity())
+                committed = self.quarantine.append(bad, txns, meta)
                 result.quarantine_version, result.rows_quarantined = committed.version, committed.rows
             fault_point("after_quarantine_commit")
             txns = {r.app_id: _max(r.end, fresh_target.get(r.app_id)) for r in raw.covered if r.count}
-            committed = self.target.append(good, txns, meta, self.identity(), self.spec.partition_by)
+            committed = self.target.append(good, txns, meta)
             result.target_version, result.rows_written = committed.version, committed.rows
         except ConcurrentBatchError:
             result.skipped = "another writer committed the same ranges first; re-planning"
-            result.duration_s = time.monotonic() - t0
+            result.safe_to_ack = False  # our commit did not land: the broker must keep these messages
             return result
         result.stage_s["write"] = time.monotonic() - t1
-        fault_point("after_target_commit")
-        t1 = time.monotonic()
-        self.source.acknowledge(raw)
-        result.stage_s["ack"] = time.monotonic() - t1
-        fault_point("after_ack")
-        result.duration_s = time.monotonic() - t0
         return result
 
     def _rows(self, raw: RawBatch, result: BatchResult) -> tuple[pl.DataFrame, pl.DataFrame]:

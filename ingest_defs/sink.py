@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 PROP_PREFIX = "ingest."
 TXN_RETENTION_PROP = "delta.setTransactionRetentionDuration"
@@ -84,38 +84,53 @@ class DeltaTableSink:
                     "refusing to ingest silently. Use a new table path, or delete the table to start over.")
 
     # ------------------------------------------------------------ writing
-    def append(self, frame: pl.DataFrame, txns: dict[str, int], metadata: dict[str, Any],
-               identity: dict[str, str], partition_by: list[str] | None = None) -> Committed:
-        """Append `frame` in one commit carrying one Transaction per app id (even with zero rows)."""
+    def ensure_exists(self, template: pl.DataFrame, identity: dict[str, str],
+                      partition_by: list[str] | None = None) -> None:
+        """Create the table (schema only, no transactions) before a batch reads its fence.
+
+        The fence (transaction versions) and the commit must use the same snapshot, or a concurrent
+        writer's commit would go unnoticed: so the table must exist before the versions are read."""
+        if self.table(refresh=False) is not None:
+            return
+        try:
+            write_deltalake(self.uri, template.clear().to_arrow(), mode="error", partition_by=partition_by or None,
+                            storage_options=self.storage_options)
+        except (CommitFailedError, DeltaError) as exc:
+            if DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+                return  # another writer created it first
+            raise SinkError(f"pipeline '{self.pipeline}': cannot create {self.role} table {self.uri}: {exc}") from exc
+        table = DeltaTable(self.uri, storage_options=self.storage_options)
+        props = {PROP_PREFIX + "pipeline": self.pipeline, PROP_PREFIX + "role": self.role,
+                 **{PROP_PREFIX + k: v for k, v in identity.items()}}
+        for attempt in range(5):  # a concurrent first batch may commit in between; the properties are idempotent
+            try:
+                table.update_incremental()
+                table.alter.set_table_properties(props, raise_if_not_exists=False)
+                break
+            except CommitFailedError:
+                if attempt == 4:
+                    raise
+        self._table = None
+
+    def append(self, frame: pl.DataFrame, txns: dict[str, int], metadata: dict[str, Any]) -> Committed:
+        """Append `frame` in one commit carrying one Transaction per app id (even with zero rows).
+
+        Commits against the snapshot the caller read its fence from (`versions()`): a commit by another
+        writer since then on one of our app ids makes this fail with ConcurrentBatchError."""
         table = self.table(refresh=False)
-        new_table = table is None
-        if not new_table:
-            self._check_schema_change(table, frame)
+        if table is None:
+            raise SinkError(f"pipeline '{self.pipeline}': {self.role} table {self.uri} does not exist")
+        self._check_schema_change(table, frame)
         commit = CommitProperties(
             app_transactions=[Transaction(app_id, version) for app_id, version in txns.items()],
             custom_metadata={k: v for k, v in metadata.items() if v is not None},
         )
-        arrow = frame.to_arrow()
         try:
-            write_deltalake(
-                table if table is not None else self.uri, arrow, mode="append", schema_mode="merge",
-                partition_by=(partition_by or None) if new_table else None,
-                storage_options=self.storage_options if new_table else None,
-                commit_properties=commit,
-            )
+            write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge", commit_properties=commit)
         except CommitFailedError as exc:
-            # Nothing of ours landed: a concurrent txn on our app id, a concurrent table creation, or a
-            # metadata change. The caller re-plans from Delta, so whatever the other writer did is kept.
+            # Nothing of ours landed: a concurrent txn on our app id or a metadata change. The caller
+            # re-plans from Delta, so whatever the other writer did is kept.
             raise ConcurrentBatchError(str(exc)) from exc
-        if new_table:
-            self._table = None
-            table = self.table(refresh=False)
-            assert table is not None
-            props = {PROP_PREFIX + "pipeline": self.pipeline, PROP_PREFIX + "role": self.role,
-                     **{PROP_PREFIX + k: v for k, v in identity.items()}}
-            table.alter.set_table_properties(props, raise_if_not_exists=False)
-            table.update_incremental()
-            return Committed(table.version() - 1, frame.height)
         table.update_incremental()
         return Committed(table.version(), frame.height)
 
