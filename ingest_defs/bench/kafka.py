@@ -72,10 +72,10 @@ def _bare_read(topic: str, messages: int, partitions: int) -> float:
     nbytes = 0
     start = time.perf_counter()
     while seen < messages:
-        for m in consumer.consume(10_000, 1.0):
-            if m.error() is None:
-                nbytes += len(m.value())
-                seen += 1
+        # the fastest plain form: one list comprehension per chunk, payload bytes kept
+        values = [m.value() for m in consumer.consume(10_000, 1.0) if m.error() is None]
+        seen += len(values)
+        nbytes += sum(map(len, values))
     took = time.perf_counter() - start
     consumer.close()
     return messages / took

@@ -2,7 +2,8 @@
 
 Traps handled here (see shared design): watermarks are the last stable offset only under read_committed;
 `position()` is wrong after EOF (librdkafka#4844), so coverage comes from the offsets and EOF events we
-see; a range may end in transaction markers or aborted records, so "covered" can exceed "last read".
+see; a finished partition is unassigned, not paused (pausing stalled the next batch's first fetch by the
+consume timeout); a range may end in transaction markers or aborted records, so "covered" can exceed "last read".
 """
 
 from __future__ import annotations
@@ -105,7 +106,6 @@ class KafkaSource:
         by_partition = {r.partition: r for r in plan.ranges}
         assigned = [TopicPartition(self.topic, r.partition, r.start) for r in plan.ranges]
         consumer.assign(assigned)
-        consumer.resume(assigned)  # a partition paused by an earlier batch of this run stays paused otherwise
         payloads: list[bytes] = []
         offsets: list[int] = []
         partitions: list[int] = []
@@ -144,7 +144,7 @@ class KafkaSource:
                     for p in set(parts):
                         if covered_end[p] == limits[p]:
                             open_parts.discard(p)
-                            consumer.pause([TopicPartition(self.topic, p)])
+                            consumer.incremental_unassign([TopicPartition(self.topic, p)])
                 else:
                     nbytes += self._take_one_by_one(msgs, by_partition, open_parts, covered_end, payloads, offsets,
                                                     partitions, keys, headers, timestamps)
@@ -172,7 +172,7 @@ class KafkaSource:
                     # Everything up to the EOF offset was seen or skipped (markers, aborted records).
                     covered_end[p] = min(by_partition[p].end, m.offset() - 1)
                     open_parts.discard(p)
-                    consumer.pause([TopicPartition(self.topic, p)])
+                    consumer.incremental_unassign([TopicPartition(self.topic, p)])
                     continue
                 raise KafkaException(err)
             o = m.offset()
@@ -180,7 +180,7 @@ class KafkaSource:
             if o > end:
                 covered_end[p] = end
                 open_parts.discard(p)
-                consumer.pause([TopicPartition(self.topic, p)])
+                consumer.incremental_unassign([TopicPartition(self.topic, p)])
                 continue
             value = m.value()
             payloads.append(value if value is not None else b"")
@@ -194,7 +194,7 @@ class KafkaSource:
                 nbytes += len(value)
             if o == end:
                 open_parts.discard(p)
-                consumer.pause([TopicPartition(self.topic, p)])
+                consumer.incremental_unassign([TopicPartition(self.topic, p)])
         return nbytes
 
     def acknowledge(self, batch: RawBatch) -> None:
