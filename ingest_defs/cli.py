@@ -92,7 +92,7 @@ def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    specs = _load(args.pipeline)
+    specs = _load(None if args.pipeline == "all" else args.pipeline)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
     handler = _BatchLineHandler()
     logging.getLogger("ingest.batch").addHandler(handler)

@@ -40,3 +40,11 @@ def test_each_pipeline_has_source_table_quarantine_checks_job_and_sensor():
         assert defs.resolve_job_def(f"{spec.name}_job").executor_def.name == dg.in_process_executor.name
         if spec.trigger.sensor:
             assert defs.resolve_sensor_def(f"{spec.name}_sensor")
+
+
+def test_committed_dagster_yaml_loads_with_one_run_per_pool(tmp_path: Path):
+    (tmp_path / "dagster.yaml").write_text((REPO_ROOT / "dagster_home" / "dagster.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        config = instance.get_concurrency_config()
+        assert config.pool_config.pool_granularity.value == "run"
+        assert config.pool_config.default_pool_limit == 1
