@@ -20,8 +20,8 @@ help:
 
 # Python deps from the lock file (uv is installed from PyPI if missing).
 $(VENV)/.installed: pyproject.toml uv.lock
-	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
-	uv sync --frozen
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q --root-user-action=ignore "uv==$(UV_VERSION)"
+	python3 -m uv sync --frozen
 	@touch $@
 
 # System packages (nats-server, mosquitto; apt-get when root) and Kafka's jars (Maven Central).
