@@ -72,8 +72,10 @@ def _value(name: str, col: pa.Column, rng: random.Random, n: int) -> Any:
         if "allowed_values" in stats:
             return rng.choice(sorted(stats["allowed_values"], key=str))
     low, high = _bounds(col)
-    if name == "id" or name.endswith("_id") and dtype.is_integer():
-        return n if not name.endswith("_id") or name == "id" else rng.randint(max(low, 0), min(high, max(low, 0) + 9))
+    if name == "id" and dtype.is_integer():
+        return n  # unique ids make produced and landed sets comparable
+    if name.endswith("_id") and dtype.is_integer():
+        return rng.randint(max(int(low), 0), max(int(low), 0) + 9)
     if dtype.is_integer():
         return rng.randint(max(low, 0), min(high, 1000))
     if dtype.is_float():
