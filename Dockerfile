@@ -29,7 +29,8 @@ ENV PATH=/app/.venv/bin:$PATH \
     LAKE_ROOT=/app/lake \
     INGEST_STACK_EXTERNAL=1
 
-RUN mkdir -p /opt/dagster/dagster_home /app/lake
+RUN mkdir -p /opt/dagster/dagster_home /app/lake \
+ && python -m ingest_defs.assets.dbt parse   # the manifest is built here, never parsed at import
 COPY deploy/dagster.postgres.yaml /opt/dagster/dagster_home/dagster.yaml
 
 EXPOSE 3000

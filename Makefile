@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml uv.lock
 # System packages (nats-server, mosquitto; apt-get when root) and Kafka's jars (Maven Central).
 setup: $(VENV)/.installed
 	$(PY) -c "from ingest_defs.stack import manager; manager.ensure_system_packages(); manager.ensure_kafka_jars()"
+	$(PY) -m ingest_defs.assets.dbt parse  # dbt/target/manifest.json: the code location loads it, never parses
 
 stack: setup
 	$(INGEST) stack up
@@ -40,6 +41,7 @@ demo: stack
 	$(INGEST) run all
 	$(INGEST) status
 	$(INGEST) show all --rows 5
+	$(PY) -m ingest_defs.assets.dbt build --show 5  # dbt build (LAKE_ROOT, DBT_PROFILES_DIR set), gold rows
 
 test: stack
 	$(PY) -m pytest ingest_tests -q -p no:cacheprovider --durations=15

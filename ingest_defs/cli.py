@@ -77,7 +77,7 @@ def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | 
     from dagster import DagsterInstance
 
     from ingest_defs.assets.ingestion import job_name, op_name
-    from ingest_defs.definitions import build_definitions
+    from ingest_defs.factory import build_definitions
 
     defs = build_definitions({spec.name: spec})
     job = defs.resolve_job_def(job_name(spec))

@@ -80,6 +80,9 @@ class NatsSourceSpec(_Strict):
     subject: str = Field(min_length=1)
     durable: str | None = None
     retention: Literal["limits", "workqueue", "interest"] = "limits"
+    # workqueue/interest: seconds the broker waits for an ack before redelivering; keep it above the worst
+    # batch time (read + decode + validate + both commits). Interest streams wait it out after a crash.
+    ack_wait_seconds: float = Field(default=120.0, gt=0, le=86400)
 
 
 class MqttSourceSpec(_Strict):

@@ -121,7 +121,8 @@ class BatchRunner:
             start = max(r.start, now.start)
             if start <= r.end:
                 clamped.append(PartitionRange(r.app_id, r.partition, start, r.end))
-        return Plan(ranges=clamped, gaps=plan.gaps, lag_after=plan.lag_after + plan.total - sum(r.count for r in clamped))
+        return Plan(ranges=clamped, gaps=plan.gaps, bounded=plan.bounded,
+                    lag_after=plan.lag_after + plan.total - sum(r.count for r in clamped))
 
     def handle_gaps(self, plan: Plan) -> None:
         for gap in plan.gaps:

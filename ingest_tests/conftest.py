@@ -19,7 +19,7 @@ import pytest
 
 from ingest_defs.assets.ingestion import job_name, op_name
 from ingest_defs.config import REPO_ROOT, PipelineSpec, dump_pipelines, parse_pipeline
-from ingest_defs.definitions import build_definitions
+from ingest_defs.factory import build_definitions
 
 _counter = itertools.count()
 

@@ -129,7 +129,7 @@ def test_quarantine_holds_each_bad_message_with_its_reason(lake, instance):
 
 
 def test_sensor_requests_nothing_without_lag_and_one_run_per_range(lake, instance):
-    from ingest_defs.definitions import build_definitions
+    from ingest_defs.factory import build_definitions
     from ingest_defs.resources.brokers import resources_from_env
 
     spec = kafka_spec(partitions=2)
