@@ -60,6 +60,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     try:
         source.ensure_exists()
         samples = make_samples(spec, args.count, args.bad_fraction, seed=args.seed, start_id=args.start_id)
+        if args.key is not None:  # Kafka key, NATS subject token, MQTT topic level for every message
+            samples.keys = [args.key.encode()] * len(samples.payloads)
         t0 = time.monotonic()
         sent = source.publish(samples.payloads, samples.keys) if args.count else 0
         took = time.monotonic() - t0
@@ -232,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid messages (0..1)")
     produce.add_argument("--seed", type=int, default=None)
     produce.add_argument("--start-id", type=int, default=0)
+    produce.add_argument("--key", default=None,
+                         help="one key for all messages (Kafka key; fills the wildcard of a NATS subject or MQTT topic)")
     produce.set_defaults(func=cmd_produce)
 
     show = sub.add_parser("show", help="row counts, quarantine reasons and a few rows of a pipeline's tables")
