@@ -37,7 +37,11 @@ down:
 
 demo: stack
 	$(INGEST) validate
+	$(INGEST) produce iot_temperature --count 0   # registers the MQTT session first: the broker queues from now on
 	$(INGEST) produce user_activity --count 20000 --bad-fraction 0.01 --seed 7
+	$(INGEST) produce page_events --count 5000 --bad-fraction 0.01 --seed 7 --key page_loaded
+	$(INGEST) produce jobs --count 3000 --bad-fraction 0.01 --seed 7 --key finished
+	$(INGEST) produce iot_temperature --count 5000 --bad-fraction 0.01 --seed 7
 	$(INGEST) run all
 	$(INGEST) status
 	$(INGEST) show all --rows 5
