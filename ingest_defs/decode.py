@@ -2,9 +2,9 @@
 quarantine rows with the reason. One bad message never fails or silently changes the rest of its batch.
 
 Fast path: join payloads with newlines and `pl.read_ndjson(schema=...)` (~3M rows/s). It fails the whole
-call on one bad value, so on any error we bisect the batch with the same reader until each bad message is
-isolated: good messages get exactly the fast path's semantics, and a batch with k bad messages costs about
-k·log2(n) small reads.
+call on one bad value, so on any error a per-message screen (UTF-8, JSON, object, field types) takes out
+the usual bad messages, the rest are decoded by the same reader, and whatever it still rejects is isolated
+by bisection: good messages always get exactly the fast path's semantics.
 """
 
 from __future__ import annotations
@@ -61,21 +61,22 @@ def decode_payloads(payloads: list[bytes], schema: dict[str, pl.DataType], stric
         except pl.exceptions.PolarsError:
             pass
     del joined
+    # Slow path: a cheap per-message screen (UTF-8, JSON, object, field types) isolates the usual bad
+    # messages; the survivors are decoded by the same reader as the fast path, and anything the screen
+    # let through that the reader still rejects is isolated by bisection.
     candidates: list[int] = []
     payloads = list(payloads)
     for i, payload in enumerate(payloads):
         if not payload:
             failures[i] = "empty value"
-        elif b"\n" in payload:
-            # A raw newline would split the message in NDJSON; re-encode it on one line if it is JSON.
-            compact = _compact(payload)
-            if compact is None:
-                failures[i] = _explain(payload, schema)
-            else:
-                candidates.append(i)
-                payloads[i] = compact
-        else:
-            candidates.append(i)
+            continue
+        reason = _screen(payload, schema)
+        if reason is not None:
+            failures[i] = reason
+            continue
+        if b"\n" in payload:  # a raw newline would split the message in NDJSON: re-encode on one line
+            payloads[i] = _compact(payload)
+        candidates.append(i)
     frames = _decode_span(payloads, candidates, schema, failures)
     rows = pl.concat(frames, how="vertical") if frames else _empty_rows(schema)
     if strict and rows.height:
@@ -115,11 +116,8 @@ def _empty_rows(schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(schema={**schema, ROW: pl.UInt32})
 
 
-def _compact(payload: bytes) -> bytes | None:
-    try:
-        return json.dumps(json.loads(payload), separators=(",", ":"), ensure_ascii=False).encode()
-    except (ValueError, UnicodeDecodeError):
-        return None
+def _compact(payload: bytes) -> bytes:
+    return json.dumps(json.loads(payload), separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _reject_extra_fields(payloads: list[bytes], rows: pl.DataFrame, schema: dict[str, pl.DataType],
@@ -141,7 +139,8 @@ def _reject_extra_fields(payloads: list[bytes], rows: pl.DataFrame, schema: dict
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}
 
 
-def _explain(payload: bytes, schema: dict[str, pl.DataType]) -> str:
+def _screen(payload: bytes, schema: dict[str, pl.DataType]) -> str | None:
+    """Why this payload cannot decode into the schema, or None if it looks decodable."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -158,6 +157,13 @@ def _explain(payload: bytes, schema: dict[str, pl.DataType]) -> str:
         value = obj.get(name)
         if value is not None and not _fits(value, dtype):
             return f"wrong type: field '{name}' is {_JSON_TYPES.get(type(value), 'null')} {_short(value)}, schema says {dtype}"
+    return None
+
+
+def _explain(payload: bytes, schema: dict[str, pl.DataType]) -> str:
+    reason = _screen(payload, schema)
+    if reason is not None:
+        return reason
     try:
         pl.read_ndjson(io.BytesIO(payload), schema=schema)
     except pl.exceptions.PolarsError as exc:
