@@ -4,6 +4,7 @@ and helpers that build a pipeline on a topic of its own and run it through its D
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -154,6 +155,21 @@ def assert_exactly_once(spec: PipelineSpec, produced: set[tuple[int, int]]) -> t
     union = set(t) | set(q)
     assert union == produced, f"lost {len(produced - union)}, unexpected {len(union - produced)}"
     return target, quarantine
+
+
+def assert_gap_policy(spec: PipelineSpec, instance: dg.DagsterInstance, lost: set[tuple[int, int]],
+                      kept: set[tuple[int, int]]) -> None:
+    """The broker dropped `lost` before ingestion: on_gap=fail names the range and fails; skip records it."""
+    failed = run_job(spec, instance)
+    assert not failed.success
+    message = failure_message(failed)
+    first, last = min(o for _, o in lost), max(o for _, o in lost)
+    assert f"offsets {first}..{last} ({len(lost)} messages)" in message
+    assert "on_gap" in message
+    skipping = spec.model_copy(update={"on_gap": "skip"})
+    result = run_job(skipping, instance)
+    assert result.success, failure_message(result)
+    assert f"{len(lost)} messages" in json.dumps(materialization(result, skipping)["gaps"])
 
 
 def ingest_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

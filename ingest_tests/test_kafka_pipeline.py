@@ -17,6 +17,7 @@ from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
 from ingest_defs.samples import make_samples
 from ingest_tests.conftest import (
     assert_exactly_once,
+    assert_gap_policy,
     failure_message,
     ingest_cli,
     kafka_spec,
@@ -236,15 +237,7 @@ def test_retention_gap_fails_or_is_skipped_as_configured(lake, instance):
     low = min(o for _, o in kept)
     for future in admin.delete_records([TopicPartition(spec.source.kafka.topic, 0, low)]).values():
         future.result(30)
-    failed = run_job(spec, instance)
-    assert not failed.success
-    message = failure_message(failed)
-    assert f"offsets {min(o for _, o in lost)}..{max(o for _, o in lost)} (50 messages)" in message
-    assert "on_gap" in message
-    skipping = spec.model_copy(update={"on_gap": "skip"})
-    result = run_job(skipping, instance)
-    assert result.success, failure_message(result)
-    assert "50 messages" in json.dumps(materialization(result, skipping)["gaps"])
+    assert_gap_policy(spec, instance, lost, kept)
     assert_exactly_once(spec, first | kept)
 
 

@@ -28,6 +28,7 @@ from ingest_defs.samples import Samples, make_samples
 from ingest_tests.conftest import (
     USER_ACTIVITY_SCHEMA,
     assert_exactly_once,
+    assert_gap_policy,
     failure_message,
     ingest_cli,
     landed,
@@ -232,15 +233,7 @@ def test_purged_range_fails_or_is_skipped_as_configured(lake, instance):
     kept = produce(spec, make_samples(spec, 30, seed=9, start_id=150))
     low = min(s for _, s in kept)
     on_broker(lambda js: js.purge_stream(stream_of(spec), seq=low))  # the broker drops the 50 unread ones
-    failed = run_job(spec, instance)
-    assert not failed.success
-    message = failure_message(failed)
-    assert f"offsets {min(s for _, s in lost)}..{max(s for _, s in lost)} (50 messages)" in message
-    assert "on_gap" in message
-    skipping = spec.model_copy(update={"on_gap": "skip"})
-    result = run_job(skipping, instance)
-    assert result.success, failure_message(result)
-    assert "50 messages" in json.dumps(materialization(result, skipping)["gaps"])
+    assert_gap_policy(spec, instance, lost, kept)
     assert_exactly_once(spec, first | kept)
 
 
