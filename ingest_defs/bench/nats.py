@@ -1,0 +1,172 @@
+"""NATS JetStream: our batch path (read → decode → validate → Delta commit → ack/lag marker) against the
+fastest bare nats-py read of the same messages, in the same run.
+
+Bare reads (each timed from the subscribe call to the last message): an ordered push consumer
+(`js.subscribe(..., ordered_consumer=True)`) and a durable push consumer with flow control and AckPolicy
+none. `bare_rate` is the fastest of them; the durable push read is the reference for the targets.
+
+A: in-run ratio, from the first broker read to the last ack (Limits stream; optionally a WorkQueue stream,
+against the same durable push read). B: the same backlog drained by `ingest run` in a fresh process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js import api
+from rich.progress import Progress
+
+from ingest_defs.bench.kafka import SCHEMA, _payload, _via_dagster_runs
+from ingest_defs.config import parse_pipeline
+from ingest_defs.lifecycle import BatchContext, BatchRunner
+from ingest_defs.resources.brokers import DEFAULT_NATS, source_for
+from ingest_defs.sink import DeltaTableSink
+
+NATS_URL = os.environ.get("NATS_URL", DEFAULT_NATS)
+CHUNK = 10_000
+PENDING = {"pending_msgs_limit": 10_000_000, "pending_bytes_limit": 4 << 30}
+
+
+def _spec(name: str, stream: str, subject: str, table: Path, batch: int, retention: str = "limits") -> Any:
+    return parse_pipeline(name, {
+        "source": {"nats": {"stream": stream, "subject": subject, "retention": retention}}, "schema": SCHEMA,
+        "table": str(table), "batch": {"max_messages": batch, "max_run_seconds": 3600}})
+
+
+def _produce(source: Any, stream: str, messages: int) -> None:
+    source.ensure_exists()
+    with Progress() as progress:
+        task = progress.add_task(f"publishing {messages:,} to {stream}", total=messages)
+        for lo in range(0, messages, CHUNK):
+            hi = min(messages, lo + CHUNK)
+            source.publish([_payload(i) for i in range(lo, hi)])
+            progress.update(task, completed=hi)
+
+
+async def _read(stream: str, subject: str, messages: int, mode: str) -> float:
+    """One bare read of the whole stream: 'ordered' or 'durable' push consumer. Returns msgs/s."""
+    nc = await nats.connect(NATS_URL)
+    js = nc.jetstream()
+    done = asyncio.Event()
+    state = {"seen": 0, "bytes": 0}
+
+    async def cb(msg: Any) -> None:
+        state["seen"] += 1
+        state["bytes"] += len(msg.data)
+        if state["seen"] >= messages:
+            done.set()
+
+    durable = f"bare-{int(time.time() * 1000)}"
+    start = time.perf_counter()
+    if mode == "ordered":
+        sub = await js.subscribe(subject, stream=stream, ordered_consumer=True,
+                                 deliver_policy=api.DeliverPolicy.ALL, cb=cb, **PENDING)
+    else:
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, flow_control=True, idle_heartbeat=5.0,
+                                    deliver_policy=api.DeliverPolicy.ALL)
+        sub = await js.subscribe(subject, stream=stream, durable=durable, config=config, cb=cb,
+                                 manual_ack=True, flow_control=True, idle_heartbeat=5.0, **PENDING)
+    last = -1
+    while not done.is_set():  # a read that stops making progress (e.g. the server cut a slow consumer) fails
+        if state["seen"] == last or nc.is_closed:
+            await nc.close()
+            raise RuntimeError(f"bare {mode} read stalled at {state['seen']} of {messages}")
+        last = state["seen"]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 10)
+    took = time.perf_counter() - start
+    await sub.unsubscribe()
+    if mode != "ordered":
+        with contextlib.suppress(Exception):  # best effort
+            await js.delete_consumer(stream, durable)
+    await nc.close()
+    return messages / took
+
+
+def _bare(stream: str, subject: str, messages: int) -> dict[str, float]:
+    """Best of two reads per mode; a mode whose reads all fail (slow consumer cut off) is left out."""
+    rates: dict[str, float] = {}
+    for mode in ("ordered", "durable", "ordered", "durable"):
+        try:
+            rate = asyncio.run(_read(stream, subject, messages, mode))
+        except Exception as exc:  # noqa: BLE001 - recorded, the other reads still count
+            print(f"bare {mode} read failed: {exc!r}")
+            continue
+        rates[mode] = max(rates.get(mode, 0.0), rate)
+    if not rates:
+        raise RuntimeError("every bare NATS read failed")
+    return rates
+
+
+def _path(spec: Any, messages: int) -> tuple[float, int, float]:
+    source = source_for(spec)
+    runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
+                         DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), BatchContext(trigger="bench"))
+    runner.identity()
+    start = time.monotonic()
+    results = runner.run()
+    # first broker read → last ack (the final empty plan is not part of it)
+    path_seconds = max(r.started_monotonic + r.duration_s for r in results if r.messages) - start
+    source.close()
+    landed = sum(r.rows_written + r.rows_quarantined for r in results)
+    assert landed == messages, f"landed {landed} of {messages}"
+    return messages / path_seconds, len([r for r in results if r.messages]), sum(r.duration_s for r in results)
+
+
+async def _delete_streams(*streams: str) -> None:
+    nc = await nats.connect(NATS_URL)
+    js = nc.jetstream()
+    for stream in streams:
+        with contextlib.suppress(Exception):  # best effort
+            await js.delete_stream(stream)
+    await nc.close()
+
+
+def bench_nats(messages: int = 500_000, batch: int = 100_000, workqueue: bool = True) -> list[dict[str, Any]]:
+    ts = int(time.time())
+    stream, subject = f"BENCH_{ts}", f"bench_{ts}.*"
+    lake = Path(tempfile.mkdtemp(prefix="bench-lake-"))
+    spec = _spec("bench_nats", stream, subject, lake / "a" / "bronze", batch)
+    streams = [stream]
+    rows: list[dict[str, Any]] = []
+    try:
+        producer = source_for(spec)
+        _produce(producer, stream, messages)
+        producer.close()
+        rates = _bare(stream, subject, messages)
+        bare = max(rates.values())
+        path_rate, batches, read_s = _path(spec, messages)
+        dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": str(lake / "b" / "bronze")}), messages)
+        rows.append({
+            "name": "nats limits",
+            "messages": messages, "batch": batch, "batches": batches,
+            "bare_rate": bare, "path_rate": path_rate, "ratio": path_rate / bare,
+            "bare_ordered_rate": rates.get("ordered"), "bare_durable_push_rate": rates.get("durable"),
+            "ratio_vs_durable_push": path_rate / rates["durable"] if "durable" in rates else None, "target_vs_durable_push": 0.8,
+            "batch_seconds": round(read_s, 2), "dagster_rate": dagster_rate, "ratio_b": dagster_rate / bare,
+        })
+        if workqueue and "durable" in rates:
+            wq_stream, wq_subject = f"BENCHWQ_{ts}", f"benchwq_{ts}.*"
+            streams.append(wq_stream)
+            wq_spec = _spec("bench_nats_wq", wq_stream, wq_subject, lake / "wq" / "bronze", batch, "workqueue")
+            producer = source_for(wq_spec)
+            _produce(producer, wq_stream, messages)  # ensure_exists creates the durable first
+            producer.close()
+            wq_rate, wq_batches, wq_read_s = _path(wq_spec, messages)
+            rows.append({
+                "name": "nats workqueue (vs durable push)",
+                "messages": messages, "batch": batch, "batches": wq_batches,
+                "bare_rate": rates["durable"], "path_rate": wq_rate, "ratio": wq_rate / rates["durable"],
+                "target_vs_durable_push": 0.8, "batch_seconds": round(wq_read_s, 2),
+                "dagster_rate": None, "ratio_b": None,
+            })
+    finally:
+        asyncio.run(_delete_streams(*streams))
+    return rows
