@@ -171,6 +171,26 @@ class ChecksSpec(_Strict):
     max_lag_messages: int = Field(default=1_000_000, ge=0)
 
 
+class MaintenanceSpec(_Strict):
+    """Table maintenance of the pipeline's tables (target and quarantine), as a scheduled Dagster job."""
+
+    enabled: bool = True
+    schedule: str = "7 * * * *"  # hourly: a 15 s sensor makes ~240 small files an hour
+    target_file_size_mb: int = Field(default=128, ge=1, le=4096)
+    # Time travel is kept this long: vacuum keeps files and log cleanup keeps commits younger than this.
+    # At least an hour, so vacuum can never delete the files of a batch still being committed.
+    time_travel_hours: int = Field(default=168, ge=1, le=24 * 3650)
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(value):
+            raise ValueError(f"'{value}' is not a cron expression (five fields, e.g. \"7 * * * *\")")
+        return value
+
+
 class PipelineSpec(_Strict):
     name: str
     source: SourceSpec
@@ -183,6 +203,7 @@ class PipelineSpec(_Strict):
     on_gap: Literal["fail", "skip"] = "fail"
     trigger: TriggerSpec = Field(default_factory=TriggerSpec)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
+    maintenance: MaintenanceSpec = Field(default_factory=MaintenanceSpec)
     # Keep the payload bytes in the target's `_raw` column. Default: on where the broker cannot replay
     # (MQTT, NATS work-queue/interest streams), so backfills re-read the lake instead.
     keep_raw: bool | None = None
@@ -346,6 +367,8 @@ def _pydantic_to_config_error(name: str, exc: ValidationError, file: Path | None
         fix = problem.split("; ", 1)[-1]
     if "exactly one of kafka" in problem:
         fix = "give one source block: `kafka: {topic: ...}`, `nats: {stream: ..., subject: ...}` or `mqtt: {topics: [...]}`"
+    if "is not a cron expression" in problem:
+        fix = f"give `{key}` five cron fields (minute hour day month weekday), e.g. \"7 * * * *\""
     if "either `columns` or `model`" in problem:
         fix = "keep only `columns:` (inline) or only `model: module:Class`"
     return ConfigError(name, key, problem, fix, file)

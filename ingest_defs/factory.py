@@ -16,6 +16,7 @@ from ingest_defs.assets.ingestion import (
     target_key,
 )
 from ingest_defs.config import PipelineSpec
+from ingest_defs.jobs.maintenance import build_maintenance_job, build_maintenance_schedule
 from ingest_defs.resources.brokers import resources_from_env
 from ingest_defs.sensors.ingestion import build_ingestion_schedule, build_ingestion_sensor
 
@@ -42,6 +43,10 @@ def build_definitions(specs: dict[str, PipelineSpec]) -> dg.Definitions:
             sensors.append(build_ingestion_sensor(spec, job))
         if spec.trigger.schedule:
             schedules.append(build_ingestion_schedule(spec, job))
+        if spec.maintenance.enabled:
+            maintenance = build_maintenance_job(spec)
+            jobs.append(maintenance)
+            schedules.append(build_maintenance_schedule(spec, maintenance))
     return dg.Definitions(assets=assets, jobs=jobs, sensors=sensors, schedules=schedules,
                           resources=resources_from_env())
 

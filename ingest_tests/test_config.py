@@ -43,6 +43,8 @@ def with_(path: str, value):
         ("source", {"kafka": {"topic": "t"}, "nats": {"stream": "s", "subject": "s.>"}}, "source", "one source block"),
         ("schema", {"columns": {"id": {"dtype": "int64", "checks": {"between": 1}}}}, "schema.columns.id.checks", "use one of"),
         ("partition_by", ["nope"], "partition_by", "use one of id"),
+        ("maintenance", {"schedule": "hourly"}, "maintenance.schedule", "five cron fields"),
+        ("maintenance", {"time_travel_hours": 0}, "maintenance.time_travel_hours", "greater than or equal to 1"),
     ],
 )
 def test_mistakes_name_pipeline_key_and_fix(path, value, key, fix):

@@ -51,17 +51,23 @@ class KafkaSource:
         if self._consumer is None:
             # Bound librdkafka's prefetch so memory follows the batch, not the backlog.
             queued_kb = max(1024, min(65536, max_bytes // 1024 // max(1, partitions)))
-            self._consumer = Consumer({
-                **self.client_config,
+            tunable = {
+                "queued.max.messages.kbytes": queued_kb,
+                # A fetch long-poll holds the broker connection: the next plan's offset query and the ack's
+                # commit queue behind it (0.5 s per micro-batch at the default 500 ms). Ranges are bounded and
+                # unassigned when read, so a short wait costs nothing while draining a backlog.
+                "fetch.wait.max.ms": 50,
+                "client.id": f"ingest-{self.spec.name}",
+            }
+            required = {  # exactly-once depends on these: the pipeline's `config` cannot change them
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "isolation.level": "read_committed",
                 "enable.partition.eof": True,
                 "auto.offset.reset": "error",
-                "queued.max.messages.kbytes": queued_kb,
-                "client.id": f"ingest-{self.spec.name}",
-            })
+            }
+            self._consumer = Consumer({**tunable, **self.client_config, **required})
         return self._consumer
 
     def _partition_ids(self) -> list[int]:
@@ -118,7 +124,11 @@ class KafkaSource:
         last_progress = time.monotonic()
         try:
             while open_parts:
-                msgs = consumer.consume(CONSUME_CHUNK, 1.0)
+                # consume() waits for its full count or the timeout: ask for no more than the ranges still
+                # hold, or every small batch waits out the timeout (1 s per micro-batch before this fix).
+                # Fewer records than offsets (aborted records, markers) end with the partition EOF events.
+                left = sum(by_partition[p].end - covered_end[p] for p in open_parts)
+                msgs = consumer.consume(max(1, min(CONSUME_CHUNK, left)), 1.0)
                 if not msgs:
                     if time.monotonic() - last_progress > READ_STALL_SECONDS:
                         raise SourceError(

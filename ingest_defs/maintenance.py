@@ -1,0 +1,140 @@
+"""Table maintenance: compaction, checkpoint, expired-log cleanup and vacuum of one Delta table.
+
+Safe beside live batches: compaction rewrites files without changing data (a concurrent append commits
+on top of it; both land), and vacuum only deletes files that are no longer referenced *and* older than
+the time-travel period (at least an hour), so the files of a batch still being committed are never touched.
+Transaction versions (the pipelines' offsets) survive log cleanup because checkpoints carry them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deltalake import CommitProperties, DeltaTable
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from ingest_defs.config import MaintenanceSpec
+
+LOG_RETENTION_PROP = "delta.logRetentionDuration"
+FILE_RETENTION_PROP = "delta.deletedFileRetentionDuration"
+COMMIT_RETRIES = 5
+
+
+@dataclass
+class TableStats:
+    version: int
+    files: int
+    bytes: int
+
+
+@dataclass
+class MaintenanceReport:
+    uri: str
+    before: TableStats | None  # None: the table does not exist yet
+    after: TableStats | None = None
+    files_compacted: int = 0
+    files_written: int = 0
+    vacuumed_files: int = 0
+    checkpoint_version: int | None = None
+    retries: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        """Flat values for Dagster metadata and logs."""
+        if self.before is None:
+            return {"table": self.uri, "skipped": "the table does not exist yet"}
+        after = self.after or self.before
+        return {
+            "table": self.uri,
+            "files_before": self.before.files,
+            "files_after": after.files,
+            "bytes_before": self.before.bytes,
+            "bytes_after": after.bytes,
+            "files_compacted": self.files_compacted,
+            "files_written": self.files_written,
+            "vacuumed_files": self.vacuumed_files,
+            "checkpoint_version": self.checkpoint_version,
+            "version_after": after.version,
+            "commit_retries": self.retries,
+            **{f"seconds_{k}": round(v, 3) for k, v in self.seconds.items()},
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def table_stats(table: DeltaTable) -> TableStats:
+    sizes = table.get_add_actions(flatten=True).column("size_bytes").to_pylist()
+    return TableStats(version=table.version(), files=len(sizes), bytes=int(sum(sizes)))
+
+
+def retention_properties(settings: MaintenanceSpec) -> dict[str, str]:
+    """Table properties that keep time travel for `settings.time_travel_hours` (and no longer)."""
+    interval = f"interval {settings.time_travel_hours} hours"
+    return {LOG_RETENTION_PROP: interval, FILE_RETENTION_PROP: interval}
+
+
+def maintain_table(uri: str, settings: MaintenanceSpec, storage_options: dict[str, str] | None = None,
+                   *, vacuum_retention_hours: int | None = None) -> MaintenanceReport:
+    """Compact small files, write a checkpoint, clean up expired log entries, vacuum; report before/after.
+
+    `vacuum_retention_hours` overrides the time-travel period for vacuum only (tests and one-off cleanups
+    with no writer running); the pipelines file cannot set it below an hour."""
+    try:
+        table = DeltaTable(uri, storage_options=storage_options)
+    except TableNotFoundError:
+        return MaintenanceReport(uri, before=None)
+    report = MaintenanceReport(uri, before=table_stats(table))
+    commit = CommitProperties(custom_metadata={"ingest.operation": "maintenance"})
+
+    started = time.monotonic()
+    _set_retention(table, settings, report, commit)
+    metrics = _with_retries(table, report, lambda: table.optimize.compact(
+        target_size=settings.target_file_size_mb * 1024 * 1024, commit_properties=commit))
+    report.files_compacted = int(metrics.get("numFilesRemoved", 0))
+    report.files_written = int(metrics.get("numFilesAdded", 0))
+    report.seconds["compact"] = time.monotonic() - started
+
+    started = time.monotonic()
+    table.update_incremental()
+    table.create_checkpoint()
+    report.checkpoint_version = table.version()
+    table.cleanup_metadata()  # log entries older than delta.logRetentionDuration, up to the checkpoint
+    report.seconds["checkpoint_and_log_cleanup"] = time.monotonic() - started
+
+    started = time.monotonic()
+    retention = settings.time_travel_hours if vacuum_retention_hours is None else vacuum_retention_hours
+    removed = table.vacuum(retention_hours=retention, dry_run=False, enforce_retention_duration=False,
+                           commit_properties=commit)
+    report.vacuumed_files = len(removed)
+    report.seconds["vacuum"] = time.monotonic() - started
+
+    table.update_incremental()
+    report.after = table_stats(table)
+    return report
+
+
+def _set_retention(table: DeltaTable, settings: MaintenanceSpec, report: MaintenanceReport,
+                   commit: CommitProperties) -> None:
+    # A metadata change makes concurrent appends re-plan once, so only write it when it differs.
+    wanted = retention_properties(settings)
+    current = table.metadata().configuration
+    if all(current.get(k) == v for k, v in wanted.items()):
+        return
+    _with_retries(table, report, lambda: table.alter.set_table_properties(wanted, commit_properties=commit))
+
+
+def _with_retries(table: DeltaTable, report: MaintenanceReport, operation: Any) -> Any:
+    """Run a maintenance commit, re-reading the table when a concurrent writer (e.g. a replay) won."""
+    for attempt in range(COMMIT_RETRIES):
+        try:
+            return operation()
+        except CommitFailedError:
+            if attempt == COMMIT_RETRIES - 1:
+                raise
+            report.retries += 1
+            time.sleep(0.2 * (attempt + 1))
+            table.update_incremental()
+    raise AssertionError("unreachable")

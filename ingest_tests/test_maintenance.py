@@ -1,0 +1,147 @@
+"""Table maintenance: compaction, checkpoints, log cleanup and vacuum beside live batches, losing nothing."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+from confluent_kafka import Producer
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+from ingest_defs.config import MaintenanceSpec
+from ingest_defs.factory import build_definitions
+from ingest_defs.jobs.maintenance import maintenance_job_name
+from ingest_defs.maintenance import maintain_table
+from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
+from ingest_defs.samples import make_samples
+from ingest_tests.conftest import assert_exactly_once, failure_message, kafka_spec, materialization, run_job
+
+BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_KAFKA)
+DAY = 24 * 3600
+
+
+def _age(paths: list[Path], seconds: float) -> None:
+    """Make files look older: log cleanup and vacuum judge age by modification time."""
+    when = time.time() - seconds
+    for path in paths:
+        os.utime(path, (when, when))
+
+
+@pytest.mark.usefixtures("stack")
+def test_maintenance_beside_live_batches_loses_and_doubles_nothing(lake, instance):
+    spec = kafka_spec(partitions=2, batch={"max_messages": 40},
+                      maintenance={"target_file_size_mb": 1, "time_travel_hours": 1})
+    source = source_for(spec)
+    source.ensure_exists()
+    source.close()
+    produced: set[tuple[int, int]] = set()
+    payloads = make_samples(spec, 1200, bad_fraction=0.05, seed=3).payloads
+    done_producing = threading.Event()
+
+    def produce() -> None:
+        producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 2, "enable.idempotence": True})
+
+        def on_delivery(err, msg):
+            assert err is None, err
+            produced.add((msg.partition(), msg.offset()))
+
+        for start in range(0, len(payloads), 60):  # a steady trickle, so live batches keep coming
+            for value in payloads[start:start + 60]:
+                producer.produce(spec.source.kafka.topic, value=value, on_delivery=on_delivery)
+            producer.flush(30)
+            time.sleep(0.05)
+        done_producing.set()
+
+    # Maintenance runs in its own thread (a separate run in production) while the main thread ingests.
+    reports: list = []
+    maintenance_errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def maintain() -> None:
+        try:
+            while not stop.is_set():
+                for uri in (spec.table_uri(), spec.quarantine_uri()):
+                    reports.append(maintain_table(uri, spec.maintenance))
+                time.sleep(0.2)
+        except BaseException as exc:  # reported below, with the rows check
+            maintenance_errors.append(exc)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=maintain)]
+    for t in threads:
+        t.start()
+    ingest_failures: list[str] = []
+    try:
+        for _ in range(200):
+            finished = done_producing.is_set()
+            result = run_job(spec, instance, max_batches=3)
+            if not result.success:
+                ingest_failures.append(failure_message(result))
+                break
+            if finished and materialization(result, spec)["lag"] == 0:
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+
+    assert not ingest_failures, ingest_failures[0]
+    target, quarantine = assert_exactly_once(spec, produced)
+    assert quarantine.height > 0 and target.height > 0
+    assert not maintenance_errors, repr(maintenance_errors[0])
+    ran = [r for r in reports if r.before is not None]
+    assert any(r.files_compacted for r in ran), f"no pass of {len(ran)} compacted anything"
+    assert all(r.vacuumed_files == 0 for r in ran)  # time travel kept: nothing younger than an hour is vacuumed
+    assert list(Path(spec.table_uri(), "_delta_log").glob("*.checkpoint.parquet"))
+
+    # The scheduled job does the same and shows files and bytes before/after on each table's asset.
+    job = build_definitions({spec.name: spec}).resolve_job_def(maintenance_job_name(spec))
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert result.success, failure_message(result)
+    observed = {e.asset_key.path[-1]: e.event_specific_data.asset_observation.metadata
+                for e in result.all_events if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION}
+    assert set(observed) == {spec.asset_key_path[-1], spec.quarantine_key_path[-1]}
+    for metadata in observed.values():
+        assert {"files_before", "files_after", "bytes_before", "bytes_after"} <= set(metadata)
+    assert_exactly_once(spec, produced)  # and still exactly once after the last pass
+
+
+def test_log_cleanup_and_vacuum_keep_the_offsets_and_the_rows(tmp_path: Path):
+    uri = str(tmp_path / "t")
+    for i in range(30):  # 30 small batches, each recording its offset like a pipeline does
+        write_deltalake(uri, pl.DataFrame({"_offset": [i], "v": [f"row-{i}"]}).to_arrow(), mode="append",
+                        commit_properties=CommitProperties(app_transactions=[Transaction("p/kafka/t/0", i)]))
+    log = Path(uri, "_delta_log")
+    data_files = sorted(Path(uri).glob("*.parquet"))
+    _age([*log.glob("*.json"), *data_files], 3 * DAY)  # everything so far is three days old
+
+    settings = MaintenanceSpec(time_travel_hours=48)
+    report = maintain_table(uri, settings)
+    assert report.before.files == 30 and report.after.files == 1
+    assert report.files_compacted == 30
+    assert report.vacuumed_files == 0  # the compacted files were removed from the table just now: kept for time travel
+    table = DeltaTable(uri)
+    assert table.transaction_version("p/kafka/t/0") == 29
+    assert sorted(pl.from_arrow(table.to_pyarrow_table())["_offset"].to_list()) == list(range(30))
+    assert DeltaTable(uri, version=29).version() == 29  # time travel to before the compaction still works
+
+    # Two days later: the removed files and the old log entries have expired.
+    _age([*data_files, *log.glob("*.json")], 3 * DAY)
+    report = maintain_table(uri, settings, vacuum_retention_hours=0)
+    assert report.vacuumed_files == 30
+    assert sorted(p.name for p in Path(uri).glob("*.parquet")) == [Path(u).name for u in DeltaTable(uri).file_uris()]
+    assert not (log / "00000000000000000000.json").exists(), "expired log entries were not cleaned up"
+    table = DeltaTable(uri)
+    assert table.transaction_version("p/kafka/t/0") == 29  # offsets live on in the checkpoint
+    assert sorted(pl.from_arrow(table.to_pyarrow_table())["v"].to_list()) == sorted(f"row-{i}" for i in range(30))
+    assert table.metadata().configuration["delta.logRetentionDuration"] == "interval 48 hours"
+
+
+def test_maintenance_of_a_table_not_created_yet_is_a_no_op(tmp_path: Path):
+    report = maintain_table(str(tmp_path / "nothing"), MaintenanceSpec())
+    assert report.before is None
+    assert report.metadata()["skipped"] == "the table does not exist yet"
