@@ -144,6 +144,10 @@ def test_sensor_requests_nothing_without_lag_and_one_run_per_range(lake, instanc
         first = sensor(ctx)
         cursor = ctx.cursor
     assert isinstance(first, dg.RunRequest)
+    # the daemon's way in (evaluate_tick, resources from the context) asks for the same run
+    with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
+        tick = sensor.evaluate_tick(ctx)
+    assert [r.run_key for r in tick.run_requests] == [first.run_key], tick.skip_message
     planned = first.run_config["ops"][f"ingest_{spec.name}"]["config"]["ranges"]
     assert sum(r["end"] - r["start"] + 1 for r in planned) == 300
     # evaluated again before the run: the same range gets the same run key (Dagster de-duplicates it)

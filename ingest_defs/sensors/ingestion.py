@@ -68,7 +68,10 @@ def build_ingestion_sensor(spec: PipelineSpec, job: dg.UnresolvedAssetJobDefinit
         description=f"Requests a bounded micro-batch of {spec.name} when the broker has messages beyond Delta.",
     )
     def _sensor(context: dg.SensorEvaluationContext, **resources):
-        source = resources[kind].source_for(spec)
+        # Direct invocation passes required resources as keywords; the daemon (evaluate_tick) passes only
+        # resources named as parameters, so there the broker comes from the context.
+        broker = resources.get(kind) or getattr(context.resources, kind)
+        source = broker.source_for(spec)
         return plan_run_request(context, spec, source, "sensor")
 
     return _sensor

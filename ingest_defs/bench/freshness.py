@@ -1,0 +1,142 @@
+"""Freshness: publish → visible in Delta, with the Dagster daemon running the sensors as a user's
+deployment would (QueuedRunCoordinator, default run launcher: one process per run).
+
+Each message carries its publish time (`sent_at`); it is visible once the Delta commit that added it
+is written, and that commit's timestamp is in the log next to the batch id the rows carry. So every
+message gets an exact latency without polling. Run records give the parts of it Dagster owns (queue
+wait and process start-up); the sensor interval bounds the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from deltalake import DeltaTable
+from rich.progress import Progress
+
+from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
+from ingest_defs.resources.brokers import source_for
+
+SCHEMA = {"columns": {"id": {"dtype": "int64", "nullable": False}, "sent_at": {"dtype": "float64"}}}
+VENV_BIN = Path(os.sys.executable).parent
+
+
+def _specs(which: list[str], ts: int, lake: Path, interval: int) -> list[Any]:
+    sources = {
+        "kafka": {"kafka": {"topic": f"fresh_{ts}", "partitions": 3}},
+        "nats": {"nats": {"stream": f"FRESH_{ts}", "subject": f"fresh_{ts}.*"}},
+        "nats_workqueue": {"nats": {"stream": f"FRESHWQ_{ts}", "subject": f"freshwq_{ts}.*",
+                                    "retention": "workqueue", "ack_wait_seconds": 60}},
+        "mqtt": {"mqtt": {"topics": [f"fresh/{ts}/+"], "client_id": f"fresh-{ts}"}},
+    }
+    return [parse_pipeline(f"fresh_{kind}", {
+        "source": sources[kind], "schema": SCHEMA, "table": str(lake / "bronze" / f"fresh_{kind}"),
+        "trigger": {"sensor": {"interval_seconds": interval}}, "maintenance": {"enabled": False}})
+        for kind in which]
+
+
+def _publish(specs: list[Any], seconds: float, rate: float, stop: threading.Event) -> dict[str, int]:
+    """A steady rate per pipeline, in 0.2 s ticks; each payload carries its publish time."""
+    sources = {s.name: source_for(s) for s in specs}
+    sent = dict.fromkeys(sources, 0)
+    per_tick = max(1, round(rate * 0.2))
+    started = time.time()
+    with Progress() as progress:
+        task = progress.add_task(f"publishing {rate:.0f} msg/s to {len(specs)} pipeline(s)", total=seconds)
+        while time.time() - started < seconds and not stop.is_set():
+            tick = time.time()
+            for name, source in sources.items():
+                payloads = [f'{{"id":{sent[name] + i},"sent_at":{time.time():.6f}}}'.encode() for i in range(per_tick)]
+                source.publish(payloads)
+                sent[name] += per_tick
+            progress.update(task, completed=min(seconds, time.time() - started))
+            time.sleep(max(0.0, 0.2 - (time.time() - tick)))
+    for source in sources.values():
+        source.close()
+    return sent
+
+
+def _latencies(spec: Any) -> list[float]:
+    table = DeltaTable(spec.table_uri())
+    committed_at = {c["ingest.batch_id"]: c["timestamp"] / 1000 for c in table.history() if "ingest.batch_id" in c}
+    rows = pl.read_delta(spec.table_uri(), columns=["sent_at", "_batch_id"])
+    visible = rows["_batch_id"].replace_strict(committed_at, return_dtype=pl.Float64)
+    return (visible - rows["sent_at"]).to_list()
+
+
+def _rows(spec: Any) -> int:
+    try:
+        return DeltaTable(spec.table_uri()).to_pyarrow_dataset().count_rows()
+    except Exception:  # not created yet
+        return 0
+
+
+def _run_figures(home: Path, spec: Any) -> dict[str, Any]:
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.get_run_records(dg.RunsFilter(job_name=f"{spec.name}_job"))
+    waits = [r.start_time - r.create_timestamp.timestamp() for r in records if r.start_time]
+    durations = [r.end_time - r.start_time for r in records if r.start_time and r.end_time]
+    return {"runs": len(records), "failed_runs": sum(r.dagster_run.status == dg.DagsterRunStatus.FAILURE for r in records),
+            "run_queue_and_start_s_median": statistics.median(waits) if waits else None,
+            "run_duration_s_median": statistics.median(durations) if durations else None}
+
+
+def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, interval: int = 5) -> list[dict[str, Any]]:
+    ts = time.time_ns() // 1_000_000
+    work = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
+    home, lake = work / "dagster_home", work / "lake"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    specs = _specs(which, ts, lake, interval)
+    (work / "pipelines.yaml").write_text(dump_pipelines(specs))
+    (work / "workspace.yaml").write_text(
+        "load_from:\n  - python_module:\n      module_name: ingest_defs.bench.freshness_defs\n"
+        f"      working_directory: {REPO_ROOT}\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "INGEST_PIPELINES": str(work / "pipelines.yaml"),
+           "LAKE_ROOT": str(lake)}
+    for spec in specs:  # topics, streams, work-queue durables and MQTT sessions exist before publishing
+        source = source_for(spec)
+        source.ensure_exists()
+        source.close()
+    log = open(work / "daemon.log", "w")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen([str(VENV_BIN / "dagster-daemon"), "run", "-w", str(work / "workspace.yaml")],
+                              env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        time.sleep(10)  # the daemon loads the code location and starts its sensor loop
+        stop = threading.Event()
+        sent = _publish(specs, seconds, rate, stop)
+        deadline = time.time() + 120
+        while time.time() < deadline and any(_rows(s) < sent[s.name] for s in specs):
+            time.sleep(1)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+        log.close()
+    rows = []
+    for spec in specs:
+        latencies = sorted(_latencies(spec)) if _rows(spec) else []
+        landed = len(latencies)
+        rows.append({
+            "pipeline": spec.name, "pipelines_together": len(specs), "sensor_interval_s": interval,
+            "rate_per_s": rate, "published": sent[spec.name], "landed": landed,
+            "p50_s": statistics.median(latencies) if latencies else None,
+            "p95_s": latencies[int(0.95 * (landed - 1))] if latencies else None,
+            "max_s": latencies[-1] if latencies else None,
+            **_run_figures(home, spec), "work_dir": str(work),
+        })
+    return rows

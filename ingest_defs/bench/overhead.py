@@ -1,0 +1,82 @@
+"""Per-batch overhead over time: 1,000 small Kafka batches into one table, with and without maintenance.
+
+Each batch is timed from opening the tables (as a fresh run does) through plan, commits and the offset
+commit; producing its messages is not timed. "Maintenance on" runs the pipeline's maintenance (compact,
+checkpoint, log cleanup, vacuum) every `every` batches, as the hourly schedule would over a day of
+micro-batches; its own time is reported apart. delta-rs writes a checkpoint every 100 commits in both
+modes (its default), so per-batch times are a sawtooth: the figure is the p95 of the last 100 batches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from rich.progress import Progress
+
+from ingest_defs.bench.kafka import BOOTSTRAP, SCHEMA, _payload
+from ingest_defs.config import parse_pipeline
+from ingest_defs.lifecycle import BatchContext, BatchRunner
+from ingest_defs.maintenance import maintain_table
+from ingest_defs.resources.brokers import source_for
+from ingest_defs.sink import DeltaTableSink
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _one_mode(batches: int, per_batch: int, maintenance: bool, every: int) -> dict[str, Any]:
+    ts = time.time_ns()
+    lake = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    spec = parse_pipeline(f"bench_overhead_{'on' if maintenance else 'off'}", {
+        "source": {"kafka": {"topic": f"bench_overhead_{ts}", "partitions": 1}}, "schema": SCHEMA,
+        "table": str(lake / "a" / "bronze"), "batch": {"max_messages": per_batch}})
+    source = source_for(spec)
+    source.ensure_exists()
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 0})
+    times: list[float] = []
+    maintenance_s: list[float] = []
+    label = f"maintenance {'on' if maintenance else 'off'}"
+    with Progress() as progress:
+        task = progress.add_task(f"{batches:,} batches of {per_batch}, {label}", total=batches)
+        for i in range(batches):
+            for j in range(per_batch):
+                producer.produce(spec.source.kafka.topic, _payload(i * per_batch + j))
+            producer.flush(30)
+            started = time.perf_counter()
+            runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
+                                 DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"),
+                                 BatchContext(trigger="bench"))
+            results = runner.run(max_batches=1)
+            times.append(time.perf_counter() - started)
+            assert sum(r.rows_written for r in results) == per_batch, "a batch landed short"
+            if maintenance and (i + 1) % every == 0:
+                t0 = time.perf_counter()
+                maintain_table(spec.table_uri(), spec.maintenance)
+                maintenance_s.append(time.perf_counter() - t0)
+            progress.advance(task)
+    source.close()
+    first, last = times[:100], times[-100:]
+    files = len(DeltaTableSink(spec.table_uri(), spec.name, "target").table().file_uris())
+    return {
+        "maintenance": maintenance,
+        "batches": batches,
+        "messages_per_batch": per_batch,
+        "first100_median_ms": statistics.median(first) * 1000,
+        "last100_median_ms": statistics.median(last) * 1000,
+        "last100_p95_ms": _p(last, 0.95) * 1000,
+        "median_ratio_last_over_first": statistics.median(last) / statistics.median(first),
+        "files_at_end": files,
+        "maintenance_pass_median_s": statistics.median(maintenance_s) if maintenance_s else None,
+        "per_batch_ms": [round(t * 1000, 2) for t in times],
+    }
+
+
+def bench_overhead(batches: int = 1000, per_batch: int = 20, every: int = 100) -> list[dict[str, Any]]:
+    return [_one_mode(batches, per_batch, maintenance, every) for maintenance in (True, False)]
