@@ -15,7 +15,7 @@ help:
 	@echo "make demo   - set up, start the brokers, ingest the shipped pipelines end to end, print the tables"
 	@echo "make test   - set up, start the brokers, run the whole test suite"
 	@echo "make ui     - the Dagster UI (dagster dev) on http://localhost:3000"
-	@echo "make bench  - throughput of the batch path against the bare clients"
+	@echo "make bench  - throughput vs the bare clients, per-batch overhead, memory, freshness (BENCH=\"memory --quick\" for a part)"
 	@echo "make down   - stop the brokers this stack started"
 
 # Python deps from the lock file (uv is installed from PyPI if missing).
@@ -54,7 +54,7 @@ ui: stack
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
 bench: stack
-	$(PY) -m ingest_defs.bench
+	$(PY) -m ingest_defs.bench $(BENCH)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ingest_defs ingest_tests

@@ -209,6 +209,36 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------ entry point
+def cmd_maintain(args: argparse.Namespace) -> int:
+    """Run the pipelines' maintenance jobs now (the same job the maintenance schedule runs)."""
+    _ensure_dagster_home()
+    from dagster import DagsterEventType, DagsterInstance
+
+    from ingest_defs.factory import build_definitions
+    from ingest_defs.jobs.maintenance import maintenance_job_name
+
+    specs = _load(None if args.pipeline == "all" else args.pipeline)
+    table = Table("pipeline", "table", "files before", "files after", "MB before", "MB after", "vacuumed files")
+    status = 0
+    with DagsterInstance.get() as instance:
+        for name, spec in specs.items():
+            job = build_definitions({name: spec}).resolve_job_def(maintenance_job_name(spec))
+            result = job.execute_in_process(instance=instance, raise_on_error=False,
+                                            run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+            if not result.success:
+                status = 1
+                console.print(f"[red]{name}: maintenance run {result.run_id} failed[/]")
+                continue
+            for event in result.all_events:
+                if event.event_type == DagsterEventType.ASSET_OBSERVATION:
+                    meta = {k: v.value for k, v in event.event_specific_data.asset_observation.metadata.items()}
+                    table.add_row(name, "/".join(event.asset_key.path), str(meta["files_before"]),
+                                  str(meta["files_after"]), f"{meta['bytes_before'] / 2**20:.1f}",
+                                  f"{meta['bytes_after'] / 2**20:.1f}", str(meta["vacuumed_files"]))
+    console.print(table)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingest", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("pipeline", nargs="?", default="all")
     show.add_argument("--rows", type=int, default=5)
     show.set_defaults(func=cmd_show)
+
+    maintain = sub.add_parser("maintain", help="compact, checkpoint, clean the log and vacuum a pipeline's tables now")
+    maintain.add_argument("pipeline", nargs="?", default="all")
+    maintain.set_defaults(func=cmd_maintain)
 
     validate = sub.add_parser("validate", help="check the pipelines file")
     validate.set_defaults(func=cmd_validate)
