@@ -19,6 +19,7 @@ from ingest_defs.config import MaintenanceSpec
 
 LOG_RETENTION_PROP = "delta.logRetentionDuration"
 FILE_RETENTION_PROP = "delta.deletedFileRetentionDuration"
+CHECKPOINT_INTERVAL_PROP = "delta.checkpointInterval"
 COMMIT_RETRIES = 5
 
 
@@ -70,10 +71,11 @@ def table_stats(table: DeltaTable) -> TableStats:
     return TableStats(version=table.version(), files=len(sizes), bytes=int(sum(sizes)))
 
 
-def retention_properties(settings: MaintenanceSpec) -> dict[str, str]:
-    """Table properties that keep time travel for `settings.time_travel_hours` (and no longer)."""
+def table_properties(settings: MaintenanceSpec) -> dict[str, str]:
+    """Time travel for `settings.time_travel_hours` (and no longer), and how often delta-rs checkpoints."""
     interval = f"interval {settings.time_travel_hours} hours"
-    return {LOG_RETENTION_PROP: interval, FILE_RETENTION_PROP: interval}
+    return {LOG_RETENTION_PROP: interval, FILE_RETENTION_PROP: interval,
+            CHECKPOINT_INTERVAL_PROP: str(settings.checkpoint_interval)}
 
 
 def maintain_table(uri: str, settings: MaintenanceSpec, storage_options: dict[str, str] | None = None,
@@ -90,7 +92,7 @@ def maintain_table(uri: str, settings: MaintenanceSpec, storage_options: dict[st
     commit = CommitProperties(custom_metadata={"ingest.operation": "maintenance"})
 
     started = time.monotonic()
-    _set_retention(table, settings, report, commit)
+    _set_properties(table, settings, report, commit)
     metrics = _with_retries(table, report, lambda: table.optimize.compact(
         target_size=settings.target_file_size_mb * 1024 * 1024, commit_properties=commit))
     report.files_compacted = int(metrics.get("numFilesRemoved", 0))
@@ -116,10 +118,10 @@ def maintain_table(uri: str, settings: MaintenanceSpec, storage_options: dict[st
     return report
 
 
-def _set_retention(table: DeltaTable, settings: MaintenanceSpec, report: MaintenanceReport,
+def _set_properties(table: DeltaTable, settings: MaintenanceSpec, report: MaintenanceReport,
                    commit: CommitProperties) -> None:
     # A metadata change makes concurrent appends re-plan once, so only write it when it differs.
-    wanted = retention_properties(settings)
+    wanted = table_properties(settings)
     current = table.metadata().configuration
     if all(current.get(k) == v for k, v in wanted.items()):
         return

@@ -138,7 +138,9 @@ def test_log_cleanup_and_vacuum_keep_the_offsets_and_the_rows(tmp_path: Path):
     table = DeltaTable(uri)
     assert table.transaction_version("p/kafka/t/0") == 29  # offsets live on in the checkpoint
     assert sorted(pl.from_arrow(table.to_pyarrow_table())["v"].to_list()) == sorted(f"row-{i}" for i in range(30))
-    assert table.metadata().configuration["delta.logRetentionDuration"] == "interval 48 hours"
+    config = table.metadata().configuration
+    assert config["delta.logRetentionDuration"] == "interval 48 hours"
+    assert config["delta.checkpointInterval"] == "10"
 
 
 def test_maintenance_of_a_table_not_created_yet_is_a_no_op(tmp_path: Path):

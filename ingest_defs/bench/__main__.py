@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,10 +109,24 @@ def freshness(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def _delete_bench_topics() -> None:
+    """The Kafka topics of this and earlier bench runs (NATS streams are deleted by their section)."""
+    from confluent_kafka.admin import AdminClient
+
+    from ingest_defs.bench.kafka import BOOTSTRAP
+
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    topics = [t for t in admin.list_topics(timeout=15).topics if t.startswith(("bench_", "fresh_"))]
+    if topics:
+        for future in admin.delete_topics(topics, operation_timeout=30).values():
+            future.result()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ingest_defs.bench")
     parser.add_argument("sections", nargs="*", metavar="section", help=f"any of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes: a smoke run")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch tables and logs")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -120,9 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
                                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     runners = {"throughput": throughput, "overhead": overhead, "memory": memory, "freshness": freshness}
-    for section in args.sections or SECTIONS:
-        results[section] = runners[section](args.quick)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))  # keep what is done so far
+    # Every table, work dir and daemon log of this run goes under one scratch dir, removed at the end.
+    scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    tempfile.tempdir = str(scratch)
+    try:
+        for section in args.sections or SECTIONS:
+            results[section] = runners[section](args.quick)
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2))  # keep what is done so far
+    finally:
+        tempfile.tempdir = None
+        if args.keep:
+            print(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+        _delete_bench_topics()
     draw(results, out_dir / "results.png")
     print(f"figures: {out_dir / 'results.json'}\nchart:   {out_dir / 'results.png'}")
     return 0
