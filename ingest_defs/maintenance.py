@@ -2,7 +2,8 @@
 
 Safe beside live batches: compaction rewrites files without changing data (a concurrent append commits
 on top of it; both land), and vacuum only deletes files that are no longer referenced *and* older than
-the time-travel period (at least an hour), so the files of a batch still being committed are never touched.
+the time-travel period (at least an hour), so the files of a batch still being committed are never touched
+(that includes files no commit references, which a writer killed mid-commit leaves behind).
 Transaction versions (the pipelines' offsets) survive log cleanup because checkpoints carry them.
 """
 
@@ -108,8 +109,9 @@ def maintain_table(uri: str, settings: MaintenanceSpec, storage_options: dict[st
 
     started = time.monotonic()
     retention = settings.time_travel_hours if vacuum_retention_hours is None else vacuum_retention_hours
+    # full: also files no commit ever referenced (a writer killed between its data files and its log entry)
     removed = table.vacuum(retention_hours=retention, dry_run=False, enforce_retention_duration=False,
-                           commit_properties=commit)
+                           full=True, commit_properties=commit)
     report.vacuumed_files = len(removed)
     report.seconds["vacuum"] = time.monotonic() - started
 

@@ -29,7 +29,8 @@ def _age(paths: list[Path], seconds: float) -> None:
     """Make files look older: log cleanup and vacuum judge age by modification time."""
     when = time.time() - seconds
     for path in paths:
-        os.utime(path, (when, when))
+        if path.exists():
+            os.utime(path, (when, when))
 
 
 @pytest.mark.usefixtures("stack")
@@ -116,14 +117,18 @@ def test_log_cleanup_and_vacuum_keep_the_offsets_and_the_rows(tmp_path: Path):
         write_deltalake(uri, pl.DataFrame({"_offset": [i], "v": [f"row-{i}"]}).to_arrow(), mode="append",
                         commit_properties=CommitProperties(app_transactions=[Transaction("p/kafka/t/0", i)]))
     log = Path(uri, "_delta_log")
+    # what a writer killed between its data file and its log entry leaves behind
+    orphan = Path(uri, "part-00000-killed-mid-commit-c000.snappy.parquet")
+    orphan.write_bytes(Path(sorted(Path(uri).glob("*.parquet"))[0]).read_bytes())
     data_files = sorted(Path(uri).glob("*.parquet"))
     _age([*log.glob("*.json"), *data_files], 3 * DAY)  # everything so far is three days old
 
     settings = MaintenanceSpec(time_travel_hours=48)
     report = maintain_table(uri, settings)
     assert report.before.files == 30 and report.after.files == 1
+    assert not orphan.exists(), "an old file no commit references was kept"
     assert report.files_compacted == 30
-    assert report.vacuumed_files == 0  # the compacted files were removed from the table just now: kept for time travel
+    assert report.vacuumed_files == 1  # the orphan; the compacted files left the table just now: kept for time travel
     table = DeltaTable(uri)
     assert table.transaction_version("p/kafka/t/0") == 29
     assert sorted(pl.from_arrow(table.to_pyarrow_table())["_offset"].to_list()) == list(range(30))
