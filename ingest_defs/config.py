@@ -154,6 +154,9 @@ class BatchSpec(_Strict):
     idle_ms: int = Field(default=500, ge=10, description="MQTT: end the batch after this long without a message")
     # Catch-up mode: one run executes consecutive batches until caught up or this budget is spent.
     max_run_seconds: float = Field(default=300.0, gt=0)
+    # Once caught up, a run keeps polling the broker until no message came for this long (or the budget is
+    # spent): seconds of freshness instead of a sensor tick plus a run start-up, for a pool slot held longer.
+    linger_seconds: float = Field(default=0.0, ge=0)
 
 
 class SensorTriggerSpec(_Strict):

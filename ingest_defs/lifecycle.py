@@ -33,6 +33,9 @@ from ingest_defs.validation import validate
 logger = logging.getLogger("ingest.batch")
 
 
+LINGER_POLL_SECONDS = 0.25  # how often a lingering run asks the broker for new messages
+
+
 class GapError(RuntimeError):
     """Data was removed by the broker before it was ingested, and the pipeline says `on_gap: fail`."""
 
@@ -144,6 +147,13 @@ class BatchRunner:
         self.identity()
         budget = self.spec.batch.max_run_seconds if max_seconds is None else max_seconds
         started = time.monotonic()
+        # Linger: once caught up, keep polling for new messages this long (an explicit batch count does not).
+        linger = self.spec.batch.linger_seconds if not max_batches else 0.0
+        last_data = started
+
+        def lingering() -> bool:
+            now = time.monotonic()
+            return bool(linger) and now - last_data < linger and now - started < budget
         results: list[BatchResult] = []
         inflight: tuple[BatchResult, RawBatch, Future[BatchResult]] | None = None
         known: dict[str, int | None] = {}  # versions as they will be once the in-flight batch commits
@@ -159,8 +169,17 @@ class BatchRunner:
                         plan = self.source.plan(known.get, self.spec.batch.max_messages)
                     self.handle_gaps(plan)
                     if plan.empty:
+                        if inflight is not None and linger:
+                            self._finish(*inflight, results)  # commit it, then poll from where Delta stands
+                            inflight = None
+                            continue
+                        if lingering():
+                            time.sleep(LINGER_POLL_SECONDS)
+                            continue
                         break
                     result, raw = self._read(plan)
+                    if len(raw):
+                        last_data = time.monotonic()
                     if inflight is not None:
                         previous = self._finish(*inflight, results)
                         inflight = None
@@ -172,14 +191,16 @@ class BatchRunner:
                     else:
                         self._finish(result, raw, None, results)
                         last = results[-1]
-                        if last.messages == 0 or not last.safe_to_ack:
+                        if not last.safe_to_ack or (last.messages == 0 and not lingering()):
                             break  # unbounded sources: nothing more right now, or re-plan in a later run
+                        if last.messages == 0:
+                            results.pop()  # an empty poll while lingering: not a batch worth reporting
                     done = len(results) + (inflight is not None)
                     if max_batches and done >= max_batches:
                         break
                     if time.monotonic() - started >= budget:
                         break
-                    if plan.bounded and result.lag_after == 0:
+                    if plan.bounded and result.lag_after == 0 and not linger:
                         break
             finally:
                 if inflight is not None:
@@ -208,7 +229,8 @@ class BatchRunner:
             fault_point("after_ack")
         result.duration_s = time.monotonic() - result.started_monotonic
         results.append(result)
-        self.ctx.info(result.summary(self.spec.name))
+        if result.messages or not self.spec.batch.linger_seconds:  # lingering polls would log every 0.5 s
+            self.ctx.info(result.summary(self.spec.name))
         return result
 
     # ------------------------------------------------------------ one batch

@@ -31,7 +31,7 @@ SCHEMA = {"columns": {"id": {"dtype": "int64", "nullable": False}, "sent_at": {"
 VENV_BIN = Path(os.sys.executable).parent
 
 
-def _specs(which: list[str], ts: int, lake: Path, interval: int) -> list[Any]:
+def _specs(which: list[str], ts: int, lake: Path, interval: int, linger: float) -> list[Any]:
     sources = {
         "kafka": {"kafka": {"topic": f"fresh_{ts}", "partitions": 3}},
         "nats": {"nats": {"stream": f"FRESH_{ts}", "subject": f"fresh_{ts}.*"}},
@@ -41,7 +41,8 @@ def _specs(which: list[str], ts: int, lake: Path, interval: int) -> list[Any]:
     }
     return [parse_pipeline(f"fresh_{kind}", {
         "source": sources[kind], "schema": SCHEMA, "table": str(lake / "bronze" / f"fresh_{kind}"),
-        "trigger": {"sensor": {"interval_seconds": interval}}, "maintenance": {"enabled": False}})
+        "trigger": {"sensor": {"interval_seconds": interval}}, "maintenance": {"enabled": False},
+        "batch": {"linger_seconds": linger}})
         for kind in which]
 
 
@@ -81,6 +82,15 @@ def _rows(spec: Any) -> int:
         return 0
 
 
+def _wait_for_runs(home: Path, deadline: float) -> None:
+    import dagster as dg
+
+    in_progress = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        while time.time() < deadline and instance.get_runs_count(dg.RunsFilter(statuses=in_progress)):
+            time.sleep(1)
+
+
 def _run_figures(home: Path, spec: Any) -> dict[str, Any]:
     import dagster as dg
 
@@ -93,13 +103,14 @@ def _run_figures(home: Path, spec: Any) -> dict[str, Any]:
             "run_duration_s_median": statistics.median(durations) if durations else None}
 
 
-def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, interval: int = 5) -> list[dict[str, Any]]:
+def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, interval: int = 5,
+                    linger: float = 0.0) -> list[dict[str, Any]]:
     ts = time.time_ns() // 1_000_000
     work = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
     home, lake = work / "dagster_home", work / "lake"
     home.mkdir()
     shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    specs = _specs(which, ts, lake, interval)
+    specs = _specs(which, ts, lake, interval, linger)
     (work / "pipelines.yaml").write_text(dump_pipelines(specs))
     (work / "workspace.yaml").write_text(
         "load_from:\n  - python_module:\n      module_name: ingest_defs.bench.freshness_defs\n"
@@ -120,6 +131,7 @@ def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, in
         deadline = time.time() + 120
         while time.time() < deadline and any(_rows(s) < sent[s.name] for s in specs):
             time.sleep(1)
+        _wait_for_runs(home, deadline=time.time() + linger + 60)  # a lingering run ends on its own
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
@@ -133,6 +145,7 @@ def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, in
         landed = len(latencies)
         rows.append({
             "pipeline": spec.name, "pipelines_together": len(specs), "sensor_interval_s": interval,
+            "linger_s": linger,
             "rate_per_s": rate, "published": sent[spec.name], "landed": landed,
             "p50_s": statistics.median(latencies) if latencies else None,
             "p95_s": latencies[int(0.95 * (landed - 1))] if latencies else None,
