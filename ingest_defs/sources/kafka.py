@@ -84,6 +84,11 @@ class KafkaSource:
         for err in reversed(self._client_errors):
             if err.code() in _REFUSED or err.fatal():
                 return f"{_REFUSED.get(err.code(), 'fatal client error')}: {err.str()}"
+            if err.code() == KafkaError._TRANSPORT and "ssl/tls alert" in err.str().lower():
+                # The broker aborted the TLS handshake; on a listener with ssl.client.auth=required that means
+                # no (or an untrusted) client certificate.
+                return ("the broker rejected the TLS handshake; a listener that requires a client certificate does "
+                        f"this without a valid one (set cert_file/key_file): {err.str()}")
         return None
 
     def _check_connection(self) -> None:
@@ -100,6 +105,7 @@ class KafkaSource:
                 self._connected = True
                 return
             except KafkaException as exc:
+                self._consumer_for().poll(0)  # serves error_cb: librdkafka reports refusals only there
                 refusal = self._refusal()
                 if refusal is not None:
                     raise SourceError(self.redact(
@@ -114,6 +120,14 @@ class KafkaSource:
                         f"pipeline '{self.spec.name}': cannot reach Kafka at {bootstrap} within "
                         f"{CONNECT_SECONDS:.0f}s (last error: {last}).{hint} Start the stack (`ingest stack up`) "
                         "or fix KAFKA_BOOTSTRAP_SERVERS / source.kafka.security.")) from None
+
+    def _denied(self, what: str, exc: KafkaException) -> SourceError:
+        err = exc.args[0]
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
+        fix = (" The user lacks an ACL for it: grant it (e.g. `kafka-acls --add --allow-principal User:<name> "
+               "--operation All --topic <topic> --group <group>`).") if "AUTHORIZATION" in str(getattr(err, "name", lambda: "")()) else ""
+        return SourceError(self.redact(f"pipeline '{self.spec.name}': Kafka at {self.client_config.get('bootstrap.servers')} "
+                                       f"refused {what}: {text}.{fix}"))
 
     def redact(self, text: str) -> str:
         return redact(text, self.secrets)
@@ -256,7 +270,10 @@ class KafkaSource:
         # The group is bookkeeping for lag tools; the Delta log stays the truth.
         offsets = [TopicPartition(self.topic, r.partition, r.end + 1) for r in batch.covered if r.count > 0]
         if offsets:
-            self._consumer_for().commit(offsets=offsets, asynchronous=False)
+            try:
+                self._consumer_for().commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                raise self._denied(f"committing offsets of group '{self.group_id}'", exc) from None
 
     def state(self) -> list[PartitionState]:
         out = []
@@ -276,7 +293,10 @@ class KafkaSource:
         self._check_connection()
         admin = AdminClient(self._admin_config())
         future = admin.describe_topics(TopicCollection([self.topic]))[self.topic]
-        description = future.result(timeout=15)
+        try:
+            description = future.result(timeout=15)
+        except KafkaException as exc:
+            raise self._denied(f"describing topic '{self.topic}'", exc) from None
         return {"kafka.topic": self.topic, "kafka.topic_id": str(description.topic_id)}
 
     def publish(self, payloads: Sequence[bytes], keys: Sequence[bytes | None] | None = None) -> int:

@@ -315,7 +315,8 @@ class MqttSource:
                 raise SourceError(f"pipeline '{self.spec.name}': no {what} from the MQTT broker at "
                                   f"{self.host}:{self.port} within {timeout:.0f}s")
             rc = client.loop(min(left, 0.2))
-            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and not until():
+                # (A refusing CONNACK arrives just before the broker closes: it counts, not the close.)
                 raise _ConnectionDropped(f"pipeline '{self.spec.name}': MQTT connection to {self.host}:{self.port} "
                                          f"lost while waiting for {what} ({mqtt.error_string(rc)})")
 
