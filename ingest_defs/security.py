@@ -138,6 +138,8 @@ def nats_auth(spec: PipelineSpec, connection: Any) -> NatsAuth:
     sec: NatsSecuritySpec | None = nats.security if nats else None
     if sec is not None:
         r = _Resolver(spec.name, "source.nats.security")
+        if sec.nkey_seed_file or sec.creds_file:
+            _require_nkeys(spec.name, "nkey_seed_file" if sec.nkey_seed_file else "creds_file")
         return NatsAuth(tls=r.tls(sec, enabled=sec.tls), user=r.value("user", sec.user),
                         password=r.secret("password", sec.password), token=r.secret("token", sec.token),
                         nkey_seed_file=r.file("nkey_seed_file", sec.nkey_seed_file),
@@ -148,6 +150,16 @@ def nats_auth(spec: PipelineSpec, connection: Any) -> NatsAuth:
     return NatsAuth(tls=Tls(enabled=bool(ca or cert), ca_file=ca, cert_file=cert, key_file=key),
                     user=get("user"), password=password, token=token, nkey_seed_file=get("nkey_seed_file"),
                     creds_file=get("creds_file"), secrets=tuple(s for s in (password, token) if s))
+
+
+def _require_nkeys(pipeline: str, key: str) -> None:
+    """nats-py signs NKey/JWT challenges with the optional `nkeys` package; say so before connecting."""
+    import importlib.util
+
+    if importlib.util.find_spec("nkeys") is None:
+        raise ConfigError(pipeline, f"source.nats.security.{key}", "NKey and credentials-file authentication "
+                          "need the `nkeys` package, which is not installed",
+                          "add `nkeys` to the project's dependencies (uv add nkeys), or use user/password or token")
 
 
 # ---------------------------------------------------------------- MQTT

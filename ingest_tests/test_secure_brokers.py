@@ -172,6 +172,7 @@ def nats_spec(env: dict[str, str], stream: str | None = None, **changes: str) ->
     name = unique("secn")
     stream = stream or f"S_{name}"
     sec = {"ca_file": "${INGEST_SECURE_CA_FILE}", "user": "ingest", "password": PASSWORD, **changes}
+    sec = {k: v for k, v in sec.items() if v is not None}
     return _spec("nats", {"stream": stream, "subject": f"{stream}.*", "ack_wait_seconds": 5, "security": sec}, name)
 
 
@@ -266,3 +267,72 @@ def test_secure_stack_files_hold_no_secret_on_a_command_line(secure_env):
         for secret in secret_values(secure_env):
             assert secret not in argv, f"a secret is on {b.label}'s command line"
             assert secret not in log, f"a secret is in {b.label}'s log"
+
+
+@pytest.fixture
+def token_nats(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A nats-server of this test's own with token authentication over TLS (the secure stack's server has
+    users, and nats-server allows a token only without a users list)."""
+    import secrets as pysecrets
+    import shutil
+    import socket
+    import subprocess
+
+    layout = secure.Layout(manager.stack_dir() / "secure")
+    if not layout.ca.exists():
+        manager.up(secure=True)
+    token = pysecrets.token_urlsafe(16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f'listen: "127.0.0.1:{port}"\n'
+        f'tls {{ cert_file: "{layout.server_cert}", key_file: "{layout.server_key}", ca_file: "{layout.ca}" }}\n'
+        f'authorization {{ token: "{token}" }}\n'
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n')
+    conf.chmod(0o600)
+    server = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-c", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from ingest_tests.conftest import wait_for
+
+        wait_for(lambda: manager._tcp_open("127.0.0.1", port, 0.2), timeout=20)
+        yield f"tls://127.0.0.1:{port}", token
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_nats_token_over_tls_ingests_and_a_wrong_token_is_refused(secure_env, token_nats, lake, instance,
+                                                                     monkeypatch, capfd, caplog):
+    url, token = token_nats
+    _use(monkeypatch, NATS_URL=url, INGEST_TEST_NATS_TOKEN=token)
+    env = {**secure_env, "INGEST_TEST_NATS_TOKEN": token}
+    spec = nats_spec(env, user=None, password=None, token="${INGEST_TEST_NATS_TOKEN}")
+    _produce(spec, 120)
+    results = run_until_caught_up(spec, instance)
+    assert_exactly_once(spec, {(0, o) for o in range(1, 121)})
+    out, err = capfd.readouterr()
+    for result in results:
+        assert_no_secret(env, instance, result, out + err + caplog.text)
+        assert token not in out + err + caplog.text
+    wrong = nats_spec(env, spec.source.nats.stream, user=None, password=None, token="${INGEST_TEST_WRONG_PASSWORD}")
+    message = _failed(wrong, instance, env, capfd, caplog)
+    assert f"NATS at {url}" in message and "authentication failed" in message, message
+    assert token not in message
+
+
+def test_nats_nkey_without_the_nkeys_package_is_a_config_error(secure_env, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("nkeys") is not None:
+        pytest.skip("nkeys is installed")
+    seed = tmp_path / "user.nk"
+    seed.write_text("SUA...")
+    spec = _spec("nats", {"stream": "S_x", "subject": "S_x.*", "security": {"nkey_seed_file": str(seed)}})
+    from ingest_defs.config import ConfigError
+
+    with pytest.raises(ConfigError, match="nkeys") as err:
+        source_for(spec)
+    assert err.value.key == "source.nats.security.nkey_seed_file"
