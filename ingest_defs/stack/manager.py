@@ -85,6 +85,7 @@ SYSTEM_PACKAGES = {
     "mosquitto": "mosquitto",
     "java": "openjdk-17-jre-headless",
     "mvn": "maven",
+    "openssl": "openssl",  # makes the secure stack's certificates
 }
 _SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 _apt_updated = False
@@ -952,7 +953,14 @@ def _probe_secure_nats(layout: secure.Layout, timeout: float) -> None:
         finally:
             await nc.close()
 
-    asyncio.run(asyncio.wait_for(check(), timeout + 1))
+    # asyncio warns "returning true from eof_received() has no effect when using ssl" on every TLS close.
+    quiet_asyncio = logging.getLogger("asyncio")
+    level = quiet_asyncio.level
+    quiet_asyncio.setLevel(logging.ERROR)
+    try:
+        asyncio.run(asyncio.wait_for(check(), timeout + 1))
+    finally:
+        quiet_asyncio.setLevel(level)
 
 
 def _probe_secure_mqtt(layout: secure.Layout, timeout: float) -> None:

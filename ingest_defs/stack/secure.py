@@ -24,7 +24,7 @@ INGEST_SECURE_KAFKA_PORT        9192  Kafka SASL_SSL, SCRAM-SHA-512 and PLAIN
 INGEST_SECURE_KAFKA_MTLS_PORT   9193  Kafka SSL requiring a client certificate (principal = CN)
 INGEST_SECURE_KAFKA_CONTROLLER_PORT 9194  KRaft controller, SSL with client certificates
 INGEST_SECURE_NATS_PORT         4322  NATS, TLS + user/password with per-user permissions
-INGEST_SECURE_MQTT_PORT         8883  MQTT over TLS + password file + ACL file
+INGEST_SECURE_MQTT_PORT         8883  MQTT over TLS + username/password (dynamic-security plugin)
 INGEST_SECURE_MQTT_MTLS_PORT    8884  MQTT over TLS requiring a client certificate (user = CN)
 =========================  ==================================  ================================
 
@@ -336,11 +336,9 @@ def write_mosquitto_auth(layout: Layout, passwords: dict[str, str]) -> None:
     doc = {
         "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
                              "unsubscribe": True},
+        # A certificate user (use_identity_as_username) is the client of the same name: same role, same ACLs.
         "clients": [{"username": user, "textname": user, "roles": [{"rolename": user}],
-                     **_dynsec_password(passwords[_password_var(user)])} for user in USERS]
-        # certificate users (use_identity_as_username): no password, same role names
-        + [{"username": user, "textname": f"{user} (certificate)", "roles": [{"rolename": user}]}
-           for user in ()],
+                     **_dynsec_password(passwords[_password_var(user)])} for user in USERS],
         "groups": [],
         "roles": [{"rolename": "ingest", "acls": acls("#")}, {"rolename": "intruder", "acls": acls("other/#")}],
     }
