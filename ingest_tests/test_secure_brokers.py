@@ -269,27 +269,23 @@ def test_secure_stack_files_hold_no_secret_on_a_command_line(secure_env):
             assert secret not in log, f"a secret is in {b.label}'s log"
 
 
-@pytest.fixture
-def token_nats(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """A nats-server of this test's own with token authentication over TLS (the secure stack's server has
-    users, and nats-server allows a token only without a users list)."""
-    import secrets as pysecrets
+def _own_nats(tmp_path: Path, secure_env: dict[str, str], auth: str, verify: bool) -> Iterator[str]:
+    """A nats-server of this test's own, TLS with the secure stack's certificates (the stack's server has a
+    users list, and nats-server allows neither a token next to it nor client certificates for only some)."""
     import shutil
     import socket
     import subprocess
 
     layout = secure.Layout(manager.stack_dir() / "secure")
-    if not layout.ca.exists():
-        manager.up(secure=True)
-    token = pysecrets.token_urlsafe(16)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     conf = tmp_path / "nats.conf"
     conf.write_text(
         f'listen: "127.0.0.1:{port}"\n'
-        f'tls {{ cert_file: "{layout.server_cert}", key_file: "{layout.server_key}", ca_file: "{layout.ca}" }}\n'
-        f'authorization {{ token: "{token}" }}\n'
+        f'tls {{ cert_file: "{layout.server_cert}", key_file: "{layout.server_key}", ca_file: "{layout.ca}", '
+        f'verify: {str(verify).lower()} }}\n'
+        f"{auth}\n"
         f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n')
     conf.chmod(0o600)
     server = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-c", str(conf)],
@@ -298,10 +294,38 @@ def token_nats(tmp_path: Path) -> Iterator[tuple[str, str]]:
         from ingest_tests.conftest import wait_for
 
         wait_for(lambda: manager._tcp_open("127.0.0.1", port, 0.2), timeout=20)
-        yield f"tls://127.0.0.1:{port}", token
+        yield f"tls://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+@pytest.fixture
+def token_nats(tmp_path: Path, secure_env: dict[str, str]) -> Iterator[tuple[str, str]]:
+    import secrets as pysecrets
+
+    token = pysecrets.token_urlsafe(16)
+    for url in _own_nats(tmp_path, secure_env, f'authorization {{ token: "{token}" }}', verify=False):
+        yield url, token
+
+
+@pytest.fixture
+def mtls_nats(tmp_path: Path, secure_env: dict[str, str]) -> Iterator[str]:
+    yield from _own_nats(tmp_path, secure_env, "", verify=True)
+
+
+def test_nats_client_certificate_required_ingests_and_missing_one_fails(secure_env, mtls_nats, lake, instance,
+                                                                         monkeypatch, capfd, caplog):
+    _use(monkeypatch, NATS_URL=mtls_nats)
+    spec = nats_spec(secure_env, user=None, password=None, cert_file="${INGEST_SECURE_CLIENT_CERT}",
+                     key_file="${INGEST_SECURE_CLIENT_KEY}")
+    _produce(spec, 120)
+    run_until_caught_up(spec, instance)
+    assert_exactly_once(spec, {(0, o) for o in range(1, 121)})
+    no_cert = nats_spec(secure_env, spec.source.nats.stream, user=None, password=None)
+    message = _failed(no_cert, instance, secure_env, capfd, caplog)
+    assert f"NATS at {mtls_nats} refused the connection: TLS handshake failed" in message, message
+    assert "cert_file/key_file" in message, message
 
 
 def test_nats_token_over_tls_ingests_and_a_wrong_token_is_refused(secure_env, token_nats, lake, instance,
@@ -336,3 +360,23 @@ def test_nats_nkey_without_the_nkeys_package_is_a_config_error(secure_env, tmp_p
     with pytest.raises(ConfigError, match="nkeys") as err:
         source_for(spec)
     assert err.value.key == "source.nats.security.nkey_seed_file"
+
+
+def test_environment_settings_without_a_security_block(secure_env, lake, instance, monkeypatch, capfd, caplog):
+    """The broker resources' own settings (Dagster EnvVars for the secrets) when a pipeline has no block."""
+    _use(monkeypatch, KAFKA_BOOTSTRAP_SERVERS=secure_env["INGEST_SECURE_KAFKA_SASL"],
+         KAFKA_SECURITY_PROTOCOL="SASL_SSL", KAFKA_SASL_MECHANISM="SCRAM-SHA-512", KAFKA_SASL_USERNAME="ingest",
+         KAFKA_SASL_PASSWORD=secure_env["INGEST_SECURE_INGEST_PASSWORD"],
+         KAFKA_SSL_CA_LOCATION=secure_env["INGEST_SECURE_CA_FILE"],
+         MQTT_URL=secure_env["INGEST_SECURE_MQTT_URL"], MQTT_USERNAME="ingest",
+         MQTT_PASSWORD=secure_env["INGEST_SECURE_INGEST_PASSWORD"], MQTT_TLS_CA_FILE=secure_env["INGEST_SECURE_CA_FILE"])
+    name = unique("seck")
+    kafka = _spec("kafka", {"topic": f"t_{name}"}, name)
+    mqtt = _spec("mqtt", {"topics": [f"sec/{name}/+"], "session_expiry_seconds": 600})
+    for spec, first in ((kafka, 0), (mqtt, 0)):
+        _produce(spec, 100)
+        results = run_until_caught_up(spec, instance)
+        assert_exactly_once(spec, {(0, o) for o in range(first, first + 100)})
+        out, err = capfd.readouterr()
+        for result in results:
+            assert_no_secret(secure_env, instance, result, out + err + caplog.text)
