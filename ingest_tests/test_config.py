@@ -150,3 +150,18 @@ def test_env_references_resolve_at_run_time_and_name_the_key_when_missing(monkey
     assert config["sasl.password"] == "s3cret-value" and secrets == ["s3cret-value"]
     assert config["security.protocol"] == "SASL_SSL" and config["ssl.ca.location"].endswith("missing.pem")
     assert redact("auth failed for s3cret-value", secrets) == "auth failed for ***"
+
+
+def test_nkey_auth_without_the_nkeys_package_names_the_key_and_the_fix(monkeypatch, tmp_path):
+    import importlib.util
+
+    from ingest_defs.security import nats_auth
+
+    seed = tmp_path / "user.nk"
+    seed.write_text("SU")
+    spec = parse_pipeline("p", _secured("nats", {"nkey_seed_file": str(seed)}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nkeys" else real(name, *a))
+    with pytest.raises(ConfigError, match="nkeys") as err:
+        nats_auth(spec, {})
+    assert err.value.key == "source.nats.security.nkey_seed_file" and "uv add nkeys" in err.value.fix

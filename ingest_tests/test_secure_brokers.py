@@ -347,19 +347,17 @@ def test_nats_token_over_tls_ingests_and_a_wrong_token_is_refused(secure_env, to
     assert token not in message
 
 
-def test_nats_nkey_without_the_nkeys_package_is_a_config_error(secure_env, tmp_path, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("nkeys") is not None:
-        pytest.skip("nkeys is installed")
-    seed = tmp_path / "user.nk"
-    seed.write_text("SUA...")
-    spec = _spec("nats", {"stream": "S_x", "subject": "S_x.*", "security": {"nkey_seed_file": str(seed)}})
-    from ingest_defs.config import ConfigError
-
-    with pytest.raises(ConfigError, match="nkeys") as err:
-        source_for(spec)
-    assert err.value.key == "source.nats.security.nkey_seed_file"
+def test_nats_nkey_seed_file_ingests_exactly_once(secure_env, lake, instance, monkeypatch, capfd, caplog):
+    _use(monkeypatch, NATS_URL=secure_env["INGEST_SECURE_NATS_URL"])
+    spec = nats_spec(secure_env, user=None, password=None, nkey_seed_file="${INGEST_SECURE_NKEY_SEED_FILE}")
+    _produce(spec, 120)
+    results = run_until_caught_up(spec, instance)
+    assert_exactly_once(spec, {(0, o) for o in range(1, 121)})
+    seed = Path(secure_env["INGEST_SECURE_NKEY_SEED_FILE"]).read_text().strip()
+    out, err = capfd.readouterr()
+    for result in results:
+        assert_no_secret({**secure_env, "INGEST_TEST_SEED": seed}, instance, result, out + err + caplog.text)
+        assert seed not in out + err + caplog.text
 
 
 def test_environment_settings_without_a_security_block(secure_env, lake, instance, monkeypatch, capfd, caplog):

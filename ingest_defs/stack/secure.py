@@ -6,6 +6,7 @@ by side and `ingest stack down` stops both)::
     secure/
       tls/        ca.pem ca.key  server.pem server.key  kafka-broker.p12
                   client-ingest.pem/.key  client-intruder.pem/.key  client-admin.pem/.key
+      nkeys/      ingest.nk: the NKey seed of NATS user `ingest` (mode 600)
       secrets.env the generated passwords (mode 600), as `export NAME=value` lines
       env.sh      everything a client needs: addresses, CA and client-certificate paths, `. secrets.env`
       kafka/ nats/ mosquitto/   configs, logs, pidfiles, data (as in the plain stack)
@@ -23,7 +24,7 @@ variable                   default                             what
 INGEST_SECURE_KAFKA_PORT        9192  Kafka SASL_SSL, SCRAM-SHA-512 and PLAIN
 INGEST_SECURE_KAFKA_MTLS_PORT   9193  Kafka SSL requiring a client certificate (principal = CN)
 INGEST_SECURE_KAFKA_CONTROLLER_PORT 9194  KRaft controller, SSL with client certificates
-INGEST_SECURE_NATS_PORT         4322  NATS, TLS + user/password with per-user permissions
+INGEST_SECURE_NATS_PORT         4322  NATS, TLS + user/password or NKey, per-user permissions
 INGEST_SECURE_MQTT_PORT         8883  MQTT over TLS + username/password (dynamic-security plugin)
 INGEST_SECURE_MQTT_MTLS_PORT    8884  MQTT over TLS requiring a client certificate (user = CN)
 =========================  ==================================  ================================
@@ -101,6 +102,9 @@ class Layout:
 
     def client_key(self, user: str) -> Path:
         return self.tls / f"client-{user}.key"
+
+    def nkey_seed(self, user: str) -> Path:
+        return self.root / "nkeys" / f"{user}.nk"
 
     @property
     def secrets_file(self) -> Path:
@@ -183,6 +187,19 @@ def issue(ca: tuple[Path, Path], cert: Path, key: Path, cn: str, server: bool) -
     ext.unlink(missing_ok=True)
 
 
+def ensure_nkey(layout: Layout, user: str = "ingest") -> str:
+    """An NKey user's seed file (mode 600, made once); returns its public key (U...) for nats.conf."""
+    import nkeys
+
+    path = layout.nkey_seed(user)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    return nkeys.from_seed(bytearray(path.read_bytes().strip())).public_key.decode()
+
+
 def ensure_tls(layout: Layout, keystore_password: str) -> None:
     """CA, server certificate (+ Kafka's PKCS12 keystore) and one client certificate per user (made once)."""
     ca = make_ca(layout.tls)
@@ -263,6 +280,7 @@ def nats_conf(layout: Layout, data_dir: Path, passwords: dict[str, str]) -> str:
         "authorization {\n"
         "  users = [\n"
         f"    {{user: ingest, password: {ingest}, permissions: {{publish: \">\", subscribe: \">\"}}}}\n"
+        f"    {{nkey: {ensure_nkey(layout)}, permissions: {{publish: \">\", subscribe: \">\"}}}}\n"
         f"    {{user: intruder, password: {intruder}, permissions: {{\n"
         '      publish: {allow: ["other.>"]}, subscribe: {allow: ["other.>", "_INBOX.>"]}}}\n'
         "  ]\n"
@@ -396,6 +414,7 @@ def client_env(layout: Layout) -> dict[str, str]:
         "INGEST_SECURE_CLIENT_KEY": str(layout.client_key("ingest")),
         "INGEST_SECURE_INTRUDER_CERT": str(layout.client_cert("intruder")),
         "INGEST_SECURE_INTRUDER_KEY": str(layout.client_key("intruder")),
+        "INGEST_SECURE_NKEY_SEED_FILE": str(layout.nkey_seed("ingest")),
     }
 
 
