@@ -10,6 +10,7 @@ keeps the secret values it resolved in `secrets`, and `redact` removes them from
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,22 @@ def redact(text: str, secrets: tuple[str, ...] | list[str]) -> str:
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
+
+
+def without_userinfo(url: str) -> str:
+    """`url` as it may be shown: `nats://user:secret@host:4222` → `nats://host:4222` (each of a comma list)."""
+    return ",".join(re.sub(r"(^[a-z]+://)[^@/]*@", r"\1", u.strip()) for u in str(url).split(","))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets written into a URL's userinfo (`user:password@` or a bare `token@`)."""
+    found = []
+    for u in str(url).split(","):
+        match = re.match(r"^[a-z]+://([^@/]*)@", u.strip())
+        if match:
+            user, _, password = match.group(1).partition(":")
+            found.append(password or user)
+    return [f for f in found if f]
 
 
 @dataclass(frozen=True)

@@ -165,3 +165,11 @@ def test_nkey_auth_without_the_nkeys_package_names_the_key_and_the_fix(monkeypat
     with pytest.raises(ConfigError, match="nkeys") as err:
         nats_auth(spec, {})
     assert err.value.key == "source.nats.security.nkey_seed_file" and "uv add nkeys" in err.value.fix
+
+
+def test_credentials_in_a_nats_url_are_never_shown():
+    from ingest_defs.security import redact, url_secrets, without_userinfo
+
+    url = "nats://ingest:s3cret@127.0.0.1:4222,tls://tok3n@h:1"
+    assert without_userinfo(url) == "nats://127.0.0.1:4222,tls://h:1"
+    assert redact(f"cannot connect to {url}", url_secrets(url)).count("***") == 2

@@ -91,7 +91,7 @@ from nats.js import api
 from nats.js.errors import APIError, NotFoundError
 
 from ingest_defs.config import PipelineSpec
-from ingest_defs.security import nats_auth, redact
+from ingest_defs.security import nats_auth, redact, url_secrets, without_userinfo
 from ingest_defs.sources.base import (
     Gap,
     PartitionRange,
@@ -366,8 +366,9 @@ class NatsSource:
         self.deliver_subject = f"_INBOX.ingest.{self.stream}.{self.durable}"
         get = connection.get if isinstance(connection, dict) else lambda k, d=None: getattr(connection, k, d)
         self._url = get("url") or "nats://localhost:4222"
+        self._where = without_userinfo(self._url)  # the URL as shown in messages (no user:password@)
         self._auth = nats_auth(spec, connection)
-        self.secrets = self._auth.secrets
+        self.secrets = (*self._auth.secrets, *url_secrets(self._url))
         self._connecting = False
         self._denied: str | None = None  # the server's last permissions violation (it only says so async)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -394,7 +395,7 @@ class NatsSource:
 
     def _denied_error(self) -> SourceError:
         return SourceError(redact(
-            f"pipeline '{self.spec.name}': NATS at {self._url} denied this user: {self._denied}. "
+            f"pipeline '{self.spec.name}': NATS at {self._where} denied this user: {self._denied}. "
             "Grant the user publish/subscribe permission on the stream's subjects and the JetStream API "
             "($JS.API.>, _INBOX.>) in the server's authorization block.", self.secrets))
 
@@ -410,18 +411,18 @@ class NatsSource:
             try:
                 options.update(self._auth.connect_options(str(self._url)))
             except (OSError, ssl.SSLError) as exc:
-                raise SourceError(f"pipeline '{self.spec.name}': NATS TLS settings for {self._url} do not load "
+                raise SourceError(f"pipeline '{self.spec.name}': NATS TLS settings for {self._where} do not load "
                                   f"({exc}). Fix source.nats.security ca_file/cert_file/key_file.") from None
             self._connecting = True
             try:
                 self._nc = await nats.connect(**options)
             except _Refused as exc:
                 raise SourceError(redact(
-                    f"pipeline '{self.spec.name}': NATS at {self._url} refused the connection: {exc.reason}. "
+                    f"pipeline '{self.spec.name}': NATS at {self._where} refused the connection: {exc.reason}. "
                     f"{exc.fix}", self.secrets)) from None
             except Exception as exc:
                 raise SourceError(redact(
-                    f"pipeline '{self.spec.name}': cannot connect to NATS at {self._url} ({exc!r}). "
+                    f"pipeline '{self.spec.name}': cannot connect to NATS at {self._where} ({exc!r}). "
                     "Start the stack (`ingest stack up`) or set NATS_URL.", self.secrets)) from None
             finally:
                 self._connecting = False
@@ -430,7 +431,7 @@ class NatsSource:
             except Exception as exc:
                 if self._denied is not None:
                     raise self._denied_error() from None
-                raise SourceError(redact(f"pipeline '{self.spec.name}': NATS at {self._url} did not answer a "
+                raise SourceError(redact(f"pipeline '{self.spec.name}': NATS at {self._where} did not answer a "
                                          f"JetStream request ({exc!r}); is JetStream enabled?", self.secrets)) from None
             self._js = self._nc.jetstream(timeout=30)
             self._fast = fast_path_supported(self._nc)
