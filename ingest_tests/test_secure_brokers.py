@@ -18,6 +18,7 @@ import pytest
 
 from ingest_defs.config import PipelineSpec, parse_pipeline
 from ingest_defs.resources.brokers import source_for
+from ingest_defs.sources.base import SourceError
 from ingest_defs.stack import manager, secure
 from ingest_tests.conftest import (
     USER_ACTIVITY_SCHEMA,
@@ -249,6 +250,12 @@ def test_mqtt_refusals_name_the_broker_and_the_cause(secure_env, lake, instance,
     denied = mqtt_spec(secure_env, username="intruder", password="${INGEST_SECURE_INTRUDER_PASSWORD}")
     message = _failed(denied, instance, secure_env, capfd, caplog)
     assert "MQTT broker at 127.0.0.1" in message and "0x87" in message and "ACL" in message, message
+    # ... and a publish it denies comes back as PUBACK 0x87 (Mosquitto drops the message): the producer fails.
+    with pytest.raises(SourceError, match=r"refused 3 of 3 publishes \(Not authorized"):
+        source_for(denied).publish(_payloads(3))
+    with pytest.raises(SourceError, match="refused the publisher: Not authorized") as err:
+        source_for(mqtt_spec(secure_env, password="${INGEST_TEST_WRONG_PASSWORD}")).publish(_payloads(1))
+    assert WRONG not in str(err.value)
 
     _use(monkeypatch, MQTT_URL=secure_env["INGEST_SECURE_MQTT_MTLS_URL"])
     message = _failed(mqtt_spec(secure_env, username=None, password=None), instance, secure_env, capfd, caplog)

@@ -773,13 +773,22 @@ class MqttSource:
                     counts["acked"] += 1
 
         client.on_publish = on_publish
+        connack: list[Any] = []
+        client.on_connect = lambda _c, _u, _f, reason, _p: connack.append(reason)
         try:
             client.connect(self.host, self.port, keepalive=KEEPALIVE)
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             raise SourceError(f"pipeline '{self.spec.name}': cannot connect to the MQTT broker at "
-                              f"{self.host}:{self.port} ({exc})") from exc
+                              f"{self.host}:{self.port} ({exc})") from None
         client.loop_start()
         try:
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            while not connack and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not connack or connack[0].is_failure:
+                # Without this a refused publisher would only time out waiting for PUBACKs.
+                raise SourceError(f"pipeline '{self.spec.name}': the MQTT broker at {self.host}:{self.port} refused "
+                                  f"the publisher: {connack[0] if connack else 'no CONNACK'}")
             topic_filter = self.topics[0]
             by_key: dict[Any, str] = {}
             stall = time.monotonic() + 60
@@ -810,7 +819,10 @@ class MqttSource:
             client.disconnect()
             client.loop_stop()
         if counts["failed"]:
-            raise SourceError(f"pipeline '{self.spec.name}': {counts['failed']} MQTT publishes refused ({failures})")
+            # Mosquitto drops a publish its ACLs deny; only the v5 PUBACK reason (0x87) says so.
+            raise SourceError(f"pipeline '{self.spec.name}': the MQTT broker at {self.host}:{self.port} refused "
+                              f"{counts['failed']} of {len(payloads)} publishes ({', '.join(failures)}): check "
+                              f"user '{self.username}' may publish there (the broker's ACLs)")
         return counts["acked"]
 
     def ensure_exists(self) -> None:
