@@ -9,11 +9,12 @@ UV_VERSION := 0.13.9
 # DAGSTER_HOME must be absolute: this repo's dagster_home/ (SQLite storage, committed dagster.yaml).
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: help setup stack down demo test ui bench lint fmt clean
+.PHONY: help setup stack down demo test chaos ui bench lint fmt clean
 
 help:
 	@echo "make demo   - set up, start the brokers, ingest the shipped pipelines end to end, print the tables"
-	@echo "make test   - set up, start the brokers, run the whole test suite"
+	@echo "make test   - set up, start the brokers, run the whole test suite (with the chaos suite's fast subset)"
+	@echo "make chaos  - the full fault-injection matrix (kills, broker restarts, concurrent runs, poison) and its table"
 	@echo "make ui     - the Dagster UI (dagster dev) on http://localhost:3000"
 	@echo "make bench  - throughput vs the bare clients, per-batch overhead, memory, freshness (BENCH=\"memory --quick\" for a part)"
 	@echo "make down   - stop the brokers this stack started"
@@ -47,8 +48,12 @@ demo: stack
 	$(INGEST) show all --rows 5
 	$(PY) -m ingest_defs.assets.dbt build --show 5  # dbt build (LAKE_ROOT, DBT_PROFILES_DIR set), gold rows
 
+# The secure-stack tests start `ingest stack up --secure` themselves (and stop it after).
 test: stack
-	$(PY) -m pytest ingest_tests -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest ingest_tests -q -p no:cacheprovider --durations=15 -m "not chaos"
+
+chaos: stack
+	$(PY) -m pytest ingest_tests/chaos -q -p no:cacheprovider --durations=10
 
 ui: stack
 	$(VENV)/bin/dagster dev -w workspace.yaml

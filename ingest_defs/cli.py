@@ -41,7 +41,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         return manager.up(secure=args.secure)
     if args.action == "down":
         return manager.down()
-    return manager.status()
+    return manager.status(secure=args.secure)
 
 
 def cmd_validate(_args: argparse.Namespace) -> int:
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stack = sub.add_parser("stack", help="the local broker stack (Kafka, NATS JetStream, Mosquitto)")
     stack.add_argument("action", choices=["up", "down", "status"])
-    stack.add_argument("--secure", action="store_true", help="authentication and TLS on (not yet available)")
+    stack.add_argument("--secure", action="store_true", help="the secure stack: authentication, ACLs and TLS on, on its own ports (see README)")
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run batches of a pipeline through Dagster until caught up")

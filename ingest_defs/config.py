@@ -66,13 +66,102 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# ---------------------------------------------------------------- security
+# Secret settings must be a reference to an environment variable, never the value itself: the pipelines
+# file is committed, shown in the UI and copied around. Paths and user names may be literal or ${ENV}.
+SECRET_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+LITERAL_SECRET = "a literal secret is not allowed here"
+# librdkafka keys (in source.kafka.config) whose values are secrets.
+KAFKA_SECRET_KEYS = ("password", "secret", "sasl.jaas.config", "ssl.key.pem", "ssl_key.pem")
+
+
+def _secret_ref(value: str | None) -> str | None:
+    if value is not None and not SECRET_REF.match(value):
+        raise ValueError(LITERAL_SECRET)
+    return value
+
+
+class TlsSpec(_Strict):
+    """TLS towards the broker: the CA that signed its certificate, and our client certificate (mTLS)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password: str | None = None
+
+    _key_password_ref = field_validator("key_password")(classmethod(lambda cls, v: _secret_ref(v)))
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> TlsSpec:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (the client certificate and its private key)")
+        return self
+
+
+class KafkaSecuritySpec(TlsSpec):
+    protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = "plaintext"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = None
+    username: str | None = None
+    password: str | None = None
+
+    _password_ref = field_validator("password")(classmethod(lambda cls, v: _secret_ref(v)))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecuritySpec:
+        sasl = self.protocol.startswith("sasl_")
+        if sasl and not (self.sasl_mechanism and self.username and self.password):
+            raise ValueError(f"protocol {self.protocol} needs sasl_mechanism, username and password")
+        if not sasl and (self.sasl_mechanism or self.username or self.password):
+            raise ValueError(f"sasl_mechanism/username/password need protocol sasl_ssl (is {self.protocol})")
+        if self.protocol in ("plaintext", "sasl_plaintext") and (self.ca_file or self.cert_file):
+            raise ValueError(f"ca_file/cert_file need protocol ssl or sasl_ssl (is {self.protocol})")
+        return self
+
+
+class NatsSecuritySpec(TlsSpec):
+    tls: bool = False  # true: TLS even without ca_file (system CAs); implied by any TLS file or tls:// URL
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkey_seed_file: str | None = None
+    creds_file: str | None = None
+
+    _secrets_ref = field_validator("password", "token")(classmethod(lambda cls, v: _secret_ref(v)))
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> NatsSecuritySpec:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password go together")
+        given = [k for k in ("user", "token", "nkey_seed_file", "creds_file") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one way to authenticate, not {' and '.join(given)}")
+        return self
+
+
+class MqttSecuritySpec(TlsSpec):
+    tls: bool = False  # true: TLS even without ca_file (system CAs); implied by any TLS file or mqtts:// URL
+    username: str | None = None
+    password: str | None = None
+
+    _password_ref = field_validator("password")(classmethod(lambda cls, v: _secret_ref(v)))
+
+
 # ---------------------------------------------------------------- sources
 class KafkaSourceSpec(_Strict):
     topic: str = Field(min_length=1)
     group_id: str | None = None
-    # librdkafka settings passed through (security, fetch sizes, ...). Values may use ${ENV_VAR}.
+    # librdkafka settings passed through (fetch sizes, ...). Values may use ${ENV_VAR}; secret keys must.
     config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     partitions: int = Field(default=1, ge=1, description="partitions when `ingest` creates the topic")
+    security: KafkaSecuritySpec | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _no_literal_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, item in value.items():
+            if any(word in key for word in KAFKA_SECRET_KEYS) and not (isinstance(item, str) and SECRET_REF.match(item)):
+                raise ValueError(f"{LITERAL_SECRET} (config key '{key}')")
+        return value
 
 
 class NatsSourceSpec(_Strict):
@@ -83,6 +172,7 @@ class NatsSourceSpec(_Strict):
     # workqueue/interest: seconds the broker waits for an ack before redelivering; keep it above the worst
     # batch time (read + decode + validate + both commits). Interest streams wait it out after a crash.
     ack_wait_seconds: float = Field(default=120.0, gt=0, le=86400)
+    security: NatsSecuritySpec | None = None
 
 
 class MqttSourceSpec(_Strict):
@@ -90,6 +180,7 @@ class MqttSourceSpec(_Strict):
     qos: Literal[1] = 1
     client_id: str | None = None
     session_expiry_seconds: int = Field(default=604800, gt=0)
+    security: MqttSecuritySpec | None = None
 
 
 class SourceSpec(_Strict):
@@ -376,6 +467,12 @@ def _pydantic_to_config_error(name: str, exc: ValidationError, file: Path | None
         fix = "give one source block: `kafka: {topic: ...}`, `nats: {stream: ..., subject: ...}` or `mqtt: {topics: [...]}`"
     if "is not a cron expression" in problem:
         fix = f"give `{key}` five cron fields (minute hour day month weekday), e.g. \"7 * * * *\""
+    if LITERAL_SECRET in problem:
+        field = re.search(r"config key '([^']+)'", problem)
+        field_name = field.group(1) if field else str(loc[-1])
+        var = re.sub(r"[^A-Z0-9]+", "_", f"{name}_{field_name}".upper())
+        fix = (f"put the secret in an environment variable and write `{field_name}: ${{{var}}}` "
+               "(use ${ENV}; secrets never go in the pipelines file)")
     if "either `columns` or `model`" in problem:
         fix = "keep only `columns:` (inline) or only `model: module:Class`"
     return ConfigError(name, key, problem, fix, file)

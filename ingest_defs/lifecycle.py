@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from ulid import ULID
 
 from ingest_defs.config import PipelineSpec
 from ingest_defs.decode import QUARANTINE_SCHEMA, ROW, decode_payloads, standard_columns
+from ingest_defs.faults import fault_point
 from ingest_defs.sink import ConcurrentBatchError, DeltaTableSink
 from ingest_defs.sources.base import Gap, PartitionRange, Plan, RawBatch, Source
 from ingest_defs.validation import validate
@@ -38,12 +37,6 @@ LINGER_POLL_SECONDS = 0.25  # how often a lingering run asks the broker for new 
 
 class GapError(RuntimeError):
     """Data was removed by the broker before it was ingested, and the pipeline says `on_gap: fail`."""
-
-
-def fault_point(name: str) -> None:
-    """Crash tests: INGEST_FAULT=<name> makes the process SIGKILL itself here, like a kill -9."""
-    if os.environ.get("INGEST_FAULT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass

@@ -14,6 +14,8 @@ import polars as pl
 from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from ingest_defs import faults
+
 PROP_PREFIX = "ingest."
 TXN_RETENTION_PROP = "delta.setTransactionRetentionDuration"
 
@@ -125,6 +127,8 @@ class DeltaTableSink:
             app_transactions=[Transaction(app_id, version) for app_id, version in txns.items()],
             custom_metadata={k: v for k, v in metadata.items() if v is not None},
         )
+        if self.role == "target" and faults.armed("during_target_commit"):
+            self._die_between_data_files_and_log(frame)
         try:
             write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge", commit_properties=commit)
         except CommitFailedError as exc:
@@ -133,6 +137,18 @@ class DeltaTableSink:
             raise ConcurrentBatchError(str(exc)) from exc
         table.update_incremental()
         return Committed(table.version(), frame.height)
+
+    def _die_between_data_files_and_log(self, frame: pl.DataFrame) -> None:
+        """Fault injection: the state a kill -9 inside `write_deltalake` leaves — the commit's parquet file in
+        the table directory, no log entry for it — then SIGKILL. Readers must never see those rows, and the
+        batch must land exactly once when it is re-run."""
+        import uuid
+
+        import pyarrow.parquet as pq
+
+        if "://" not in self.uri:
+            pq.write_table(frame.to_arrow(), f"{self.uri}/part-00000-{uuid.uuid4()}-c000.snappy.parquet")
+        faults.fault_point("during_target_commit")
 
     def _check_schema_change(self, table: DeltaTable, frame: pl.DataFrame) -> None:
         existing = {f.name: f.type for f in table.schema().fields}

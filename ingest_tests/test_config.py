@@ -87,3 +87,91 @@ def test_ingest_validate_prints_the_error_and_fails(tmp_path: Path):
     assert "pipeline 'p'" in proc.stdout and "source.kafka.topic" in proc.stdout
     good = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True)
     assert good.returncode == 0, good.stdout + good.stderr
+
+
+# ---------------------------------------------------------------- security settings
+def _secured(kind: str, security: dict) -> dict:
+    source = {"kafka": {"topic": "t"}, "nats": {"stream": "S", "subject": "s.*"}, "mqtt": {"topics": ["a/#"]}}[kind]
+    return {**BASE, "source": {kind: {**source, "security": security}}}
+
+
+@pytest.mark.parametrize("kind,security,key", [
+    ("kafka", {"protocol": "sasl_ssl", "sasl_mechanism": "PLAIN", "username": "u", "password": "hunter2"},
+     "source.kafka.security.password"),
+    ("kafka", {"protocol": "ssl", "cert_file": "c", "key_file": "k", "key_password": "hunter2"},
+     "source.kafka.security.key_password"),
+    ("nats", {"user": "u", "password": "hunter2"}, "source.nats.security.password"),
+    ("nats", {"token": "hunter2"}, "source.nats.security.token"),
+    ("mqtt", {"username": "u", "password": "hunter2"}, "source.mqtt.security.password"),
+])
+def test_a_literal_secret_is_refused_with_the_fix_use_env(kind, security, key):
+    with pytest.raises(ConfigError) as err:
+        parse_pipeline("p", _secured(kind, security))
+    assert err.value.key == key and err.value.pipeline == "p"
+    assert "${" in err.value.fix and "hunter2" not in str(err.value)
+
+
+def test_a_literal_secret_in_kafka_passthrough_config_is_refused():
+    raw = with_("source.kafka.config", {"sasl.password": "hunter2"})
+    with pytest.raises(ConfigError, match=r"sasl\.password") as err:
+        parse_pipeline("p", raw)
+    assert "hunter2" not in str(err.value) and "${P_SASL_PASSWORD}" in err.value.fix
+    assert parse_pipeline("p", with_("source.kafka.config", {"sasl.password": "${PW}"}))
+
+
+@pytest.mark.parametrize("kind,security,says", [
+    ("kafka", {"protocol": "sasl_ssl", "username": "u", "password": "${PW}"}, "needs sasl_mechanism"),
+    ("kafka", {"protocol": "plaintext", "ca_file": "ca.pem"}, "need protocol ssl or sasl_ssl"),
+    ("kafka", {"protocol": "ssl", "cert_file": "c.pem"}, "go together"),
+    ("nats", {"user": "u", "password": "${PW}", "token": "${T}"}, "one way to authenticate"),
+    ("mqtt", {"protocol": "x"}, "remove .protocol."),
+])
+def test_inconsistent_security_settings_name_the_key(kind, security, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        parse_pipeline("p", _secured(kind, security))
+    assert err.value.key.startswith(f"source.{kind}.security")
+
+
+def test_env_references_resolve_at_run_time_and_name_the_key_when_missing(monkeypatch, tmp_path):
+    from ingest_defs.security import kafka_security, redact
+
+    spec = parse_pipeline("p", _secured("kafka", {
+        "protocol": "sasl_ssl", "sasl_mechanism": "SCRAM-SHA-512", "username": "u", "password": "${P_PW}",
+        "ca_file": "${P_CA}"}))
+    monkeypatch.delenv("P_PW", raising=False)
+    monkeypatch.setenv("P_CA", str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="P_PW is not set") as err:
+        kafka_security(spec)
+    assert err.value.key == "source.kafka.security.password"
+    monkeypatch.setenv("P_PW", "s3cret-value")
+    with pytest.raises(ConfigError, match="does not exist") as err:
+        kafka_security(spec)
+    assert err.value.key == "source.kafka.security.ca_file"
+    (tmp_path / "missing.pem").write_text("x")
+    config, secrets = kafka_security(spec)
+    assert config["sasl.password"] == "s3cret-value" and secrets == ["s3cret-value"]
+    assert config["security.protocol"] == "SASL_SSL" and config["ssl.ca.location"].endswith("missing.pem")
+    assert redact("auth failed for s3cret-value", secrets) == "auth failed for ***"
+
+
+def test_nkey_auth_without_the_nkeys_package_names_the_key_and_the_fix(monkeypatch, tmp_path):
+    import importlib.util
+
+    from ingest_defs.security import nats_auth
+
+    seed = tmp_path / "user.nk"
+    seed.write_text("SU")
+    spec = parse_pipeline("p", _secured("nats", {"nkey_seed_file": str(seed)}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nkeys" else real(name, *a))
+    with pytest.raises(ConfigError, match="nkeys") as err:
+        nats_auth(spec, {})
+    assert err.value.key == "source.nats.security.nkey_seed_file" and "uv add nkeys" in err.value.fix
+
+
+def test_credentials_in_a_nats_url_are_never_shown():
+    from ingest_defs.security import redact, url_secrets, without_userinfo
+
+    url = "nats://ingest:s3cret@127.0.0.1:4222,tls://tok3n@h:1"
+    assert without_userinfo(url) == "nats://127.0.0.1:4222,tls://h:1"
+    assert redact(f"cannot connect to {url}", url_secrets(url)).count("***") == 2

@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest_defs.stack import manager
+from ingest_defs.stack import manager, secure
 
 BROKERS = ("kafka", "nats", "mosquitto")
 QUEUED_MQTT_MESSAGES = 1500  # > Mosquitto's default max_queued_messages (1000)
@@ -445,9 +445,15 @@ def test_addresses_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert manager.addresses()["mqtt_port"] == "1883"
 
 
-def test_secure_is_not_implemented_yet() -> None:
-    with pytest.raises(SystemExit, match="--secure is not implemented yet"):
-        manager.up(secure=True)
+def test_secure_stack_ports_default_apart_from_the_plain_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_CONTROLLER_PORT", "NATS_URL", "MQTT_URL", *secure.DEFAULT_PORTS):
+        monkeypatch.delenv(var, raising=False)
+    plain = {p for b in manager._brokers() for p in b.ports}
+    secured = [p for b in manager._brokers(secure=True) for p in b.ports]
+    assert len(secured) == len(set(secured)) == 6
+    assert not plain & set(secured)
+    monkeypatch.setenv("INGEST_SECURE_NATS_PORT", "not-a-port")
+    assert manager.up(secure=True) == 1  # a clear one-line error, nothing started
 
 
 def test_stack_dir_defaults_to_repo_dot_stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import dagster as dg
 from ingest_defs.config import PipelineSpec
 from ingest_defs.decode import STANDARD_SCHEMA
 from ingest_defs.lifecycle import BatchContext, BatchResult, BatchRunner, GapError
+from ingest_defs.security import redact
 from ingest_defs.sink import DeltaTableSink, SinkError
 from ingest_defs.sources.base import PartitionRange, SourceError
 from ingest_defs.validation import FrameValidationError
@@ -122,7 +123,14 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         try:
             results = runner.run(requested, config.max_batches, config.max_seconds)
         except (GapError, SourceError, SinkError, FrameValidationError) as exc:
-            raise dg.Failure(description=str(exc)) from exc
+            raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
+        except Exception as exc:
+            # A client library's own error: shown as is, unless it echoes a secret.
+            secrets = getattr(source, "secrets", ())
+            text = f"{type(exc).__name__}: {exc}"
+            if redact(text, secrets) != text:
+                raise dg.Failure(description=redact(text, secrets)) from None
+            raise
         finally:
             source.close()
         yield from report(spec, results)

@@ -1,7 +1,8 @@
 """Broker connections as Dagster resources, configured from the environment.
 
-Addresses come from KAFKA_BOOTSTRAP_SERVERS, NATS_URL and MQTT_URL. Secrets are `dg.EnvVar`s, so they
-never appear in run config, logs or the UI.
+Addresses come from KAFKA_BOOTSTRAP_SERVERS, NATS_URL and MQTT_URL; security settings from the variables
+read in `resources_from_env` (see the README's security section). Secrets are `dg.EnvVar`s, so they never
+appear in run config, logs or the UI. A pipeline's own `source.<broker>.security` block replaces these.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class KafkaResource(dg.ConfigurableResource):
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: str | None = None
 
     def client_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
@@ -37,6 +41,9 @@ class KafkaResource(dg.ConfigurableResource):
             "sasl.username": self.sasl_username,
             "sasl.password": self.sasl_password,
             "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password,
         }
         config.update({k: v for k, v in optional.items() if v})
         return config
@@ -53,6 +60,10 @@ class NatsResource(dg.ConfigurableResource):
     password: str | None = None
     token: str | None = None
     creds_file: str | None = None
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     def source_for(self, spec: PipelineSpec) -> Source:
         from ingest_defs.sources.nats import NatsSource
@@ -64,6 +75,9 @@ class MqttResource(dg.ConfigurableResource):
     url: str = DEFAULT_MQTT
     username: str | None = None
     password: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     def source_for(self, spec: PipelineSpec) -> Source:
         from ingest_defs.sources.mqtt import MqttSource
@@ -85,6 +99,9 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             sasl_username=_secret("KAFKA_SASL_USERNAME"),
             sasl_password=_secret("KAFKA_SASL_PASSWORD"),
             ssl_ca_location=os.environ.get("KAFKA_SSL_CA_LOCATION"),
+            ssl_certificate_location=os.environ.get("KAFKA_SSL_CERTIFICATE_LOCATION"),
+            ssl_key_location=os.environ.get("KAFKA_SSL_KEY_LOCATION"),
+            ssl_key_password=_secret("KAFKA_SSL_KEY_PASSWORD"),
         ),
         "nats": NatsResource(
             url=os.environ.get("NATS_URL", DEFAULT_NATS),
@@ -92,11 +109,18 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             password=_secret("NATS_PASSWORD"),
             token=_secret("NATS_TOKEN"),
             creds_file=os.environ.get("NATS_CREDS_FILE"),
+            nkey_seed_file=os.environ.get("NATS_NKEY_SEED_FILE"),
+            tls_ca_file=os.environ.get("NATS_TLS_CA_FILE"),
+            tls_cert_file=os.environ.get("NATS_TLS_CERT_FILE"),
+            tls_key_file=os.environ.get("NATS_TLS_KEY_FILE"),
         ),
         "mqtt": MqttResource(
             url=os.environ.get("MQTT_URL", DEFAULT_MQTT),
             username=_secret("MQTT_USERNAME"),
             password=_secret("MQTT_PASSWORD"),
+            tls_ca_file=os.environ.get("MQTT_TLS_CA_FILE"),
+            tls_cert_file=os.environ.get("MQTT_TLS_CERT_FILE"),
+            tls_key_file=os.environ.get("MQTT_TLS_KEY_FILE"),
         ),
     }
 

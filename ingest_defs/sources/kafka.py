@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ingest_defs.config import PipelineSpec, expand_env
+from ingest_defs.security import kafka_secrets, kafka_security, redact
 from ingest_defs.sources.base import (
     Gap,
     PartitionRange,
@@ -28,6 +29,10 @@ from ingest_defs.sources.base import (
 
 CONSUME_CHUNK = 10_000
 READ_STALL_SECONDS = 60.0  # a planned range that yields nothing for this long is an error, not a hang
+CONNECT_SECONDS = 15.0  # how long the first metadata request may take before the run fails
+# librdkafka error codes that mean "this broker will not take us as configured": fail at once, say why.
+_REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/password and sasl_mechanism)",
+            KafkaError._SSL: "TLS failed (check ca_file: the CA that signed the broker's certificate)"}
 
 
 class KafkaSource:
@@ -40,7 +45,13 @@ class KafkaSource:
         self.topic = kafka.topic
         self.group_id = kafka.group_id or f"ingest-{spec.name}"
         passthrough = {k: expand_env(spec.name, f"source.kafka.config.{k}", v) for k, v in kafka.config.items()}
-        self.client_config = {**client_config, **passthrough}
+        security, _ = kafka_security(spec)  # the pipeline's `security` block replaces the environment's
+        if security:
+            client_config = {k: v for k, v in client_config.items() if not k.startswith(("security.", "sasl.", "ssl."))}
+        self.client_config = {**client_config, **security, **passthrough, "error_cb": self._on_client_error}
+        self.secrets = tuple(kafka_secrets(self.client_config))
+        self._client_errors: list[KafkaError] = []
+        self._connected = False
         self._consumer: Consumer | None = None
 
     # ------------------------------------------------------------ helpers
@@ -70,7 +81,65 @@ class KafkaSource:
             self._consumer = Consumer({**tunable, **self.client_config, **required})
         return self._consumer
 
+    def _on_client_error(self, err: KafkaError) -> None:
+        self._client_errors.append(err)
+        del self._client_errors[:-20]
+
+    def _refusal(self) -> str | None:
+        """Why the broker refuses us (authentication, TLS), from librdkafka's error callback; None if it does not."""
+        for err in reversed(self._client_errors):
+            if err.code() in _REFUSED or err.fatal():
+                return f"{_REFUSED.get(err.code(), 'fatal client error')}: {err.str()}"
+            if err.code() == KafkaError._TRANSPORT and "ssl/tls alert" in err.str().lower():
+                # The broker aborted the TLS handshake; on a listener with ssl.client.auth=required that means
+                # no (or an untrusted) client certificate.
+                return ("the broker rejected the TLS handshake; a listener that requires a client certificate does "
+                        f"this without a valid one (set cert_file/key_file): {err.str()}")
+        return None
+
+    def _check_connection(self) -> None:
+        """Fail fast and clearly when the broker cannot be reached or refuses our credentials or certificate.
+
+        Without this a refused login looks like a 15-second metadata timeout with no reason."""
+        if self._connected:
+            return
+        bootstrap = self.client_config.get("bootstrap.servers")
+        deadline = time.monotonic() + CONNECT_SECONDS
+        while True:
+            try:
+                self._consumer_for().list_topics(timeout=1.0)
+                self._connected = True
+                return
+            except KafkaException as exc:
+                self._consumer_for().poll(0)  # serves error_cb: librdkafka reports refusals only there
+                refusal = self._refusal()
+                if refusal is not None:
+                    raise SourceError(self.redact(
+                        f"pipeline '{self.spec.name}': Kafka at {bootstrap} refused the connection: {refusal}. "
+                        "Fix source.kafka.security (or the KAFKA_* environment settings).")) from None
+                if time.monotonic() > deadline:
+                    last = self._client_errors[-1].str() if self._client_errors else exc.args[0].str()
+                    hint = (" A listener that requires client certificates closes the connection without one: "
+                            "set cert_file/key_file." if self.client_config.get("security.protocol", "").endswith("SSL")
+                            and "ssl.certificate.location" not in self.client_config else "")
+                    raise SourceError(self.redact(
+                        f"pipeline '{self.spec.name}': cannot reach Kafka at {bootstrap} within "
+                        f"{CONNECT_SECONDS:.0f}s (last error: {last}).{hint} Start the stack (`ingest stack up`) "
+                        "or fix KAFKA_BOOTSTRAP_SERVERS / source.kafka.security.")) from None
+
+    def _denied(self, what: str, exc: KafkaException) -> SourceError:
+        err = exc.args[0]
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
+        fix = (" The user lacks an ACL for it: grant it (e.g. `kafka-acls --add --allow-principal User:<name> "
+               "--operation All --topic <topic> --group <group>`).") if "AUTHORIZATION" in str(getattr(err, "name", lambda: "")()) else ""
+        return SourceError(self.redact(f"pipeline '{self.spec.name}': Kafka at {self.client_config.get('bootstrap.servers')} "
+                                       f"refused {what}: {text}.{fix}"))
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.secrets)
+
     def _partition_ids(self) -> list[int]:
+        self._check_connection()
         metadata = self._consumer_for().list_topics(self.topic, timeout=15)
         topic = metadata.topics.get(self.topic)
         if topic is None or topic.error is not None:
@@ -211,7 +280,10 @@ class KafkaSource:
         # The group is bookkeeping for lag tools; the Delta log stays the truth.
         offsets = [TopicPartition(self.topic, r.partition, r.end + 1) for r in batch.covered if r.count > 0]
         if offsets:
-            self._consumer_for().commit(offsets=offsets, asynchronous=False)
+            try:
+                self._consumer_for().commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                raise self._denied(f"committing offsets of group '{self.group_id}'", exc) from None
 
     def state(self) -> list[PartitionState]:
         out = []
@@ -228,9 +300,13 @@ class KafkaSource:
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in result}
 
     def identity(self) -> dict[str, str]:
+        self._check_connection()
         admin = AdminClient(self._admin_config())
         future = admin.describe_topics(TopicCollection([self.topic]))[self.topic]
-        description = future.result(timeout=15)
+        try:
+            description = future.result(timeout=15)
+        except KafkaException as exc:
+            raise self._denied(f"describing topic '{self.topic}'", exc) from None
         return {"kafka.topic": self.topic, "kafka.topic_id": str(description.topic_id)}
 
     def publish(self, payloads: Sequence[bytes], keys: Sequence[bytes | None] | None = None) -> int:
@@ -263,6 +339,7 @@ class KafkaSource:
         return delivered
 
     def ensure_exists(self) -> None:
+        self._check_connection()
         admin = AdminClient(self._admin_config())
         partitions = self.spec.source.kafka.partitions
         futures = admin.create_topics([NewTopic(self.topic, num_partitions=partitions, replication_factor=1)])

@@ -102,6 +102,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest_defs.config import PipelineSpec
+from ingest_defs.security import mqtt_auth, redact
 from ingest_defs.sources.base import (
     Gap,
     PartitionRange,
@@ -214,8 +215,11 @@ class MqttSource:
         self.topics = list(mqtt_spec.topics)
         self.client_id = mqtt_spec.client_id or f"ingest-{spec.name}"
         self.session_expiry = mqtt_spec.session_expiry_seconds
-        self.host, self.port, self.tls = parse_url(resource.url)
-        self.username, self.password = resource.username, resource.password
+        self.host, self.port, url_tls = parse_url(resource.url)
+        self.auth = mqtt_auth(spec, resource, url_tls)
+        self.tls = self.auth.tls.enabled
+        self.username, self.password = self.auth.username, self.auth.password
+        self.secrets = self.auth.secrets
         self.app_id = f"{spec.name}/mqtt/{self.client_id}"
         self.max_messages = spec.batch.max_messages
         self.window = WINDOW_FACTOR * self.max_messages
@@ -295,7 +299,11 @@ class MqttSource:
         if self.username:
             client.username_pw_set(self.username, self.password)
         if self.tls:
-            client.tls_set()
+            try:
+                client.tls_set_context(self.auth.tls.context())
+            except (OSError, ssl.SSLError) as exc:
+                raise SourceError(f"pipeline '{self.spec.name}': MQTT TLS settings do not load ({exc}). Fix "
+                                  "source.mqtt.security ca_file/cert_file/key_file (or MQTT_TLS_*).") from None
         return client
 
     def _pump(self, client: mqtt.Client, until: Callable[[], bool], timeout: float, what: str) -> None:
@@ -307,7 +315,8 @@ class MqttSource:
                 raise SourceError(f"pipeline '{self.spec.name}': no {what} from the MQTT broker at "
                                   f"{self.host}:{self.port} within {timeout:.0f}s")
             rc = client.loop(min(left, 0.2))
-            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and not until():
+                # (A refusing CONNACK arrives just before the broker closes: it counts, not the close.)
                 raise _ConnectionDropped(f"pipeline '{self.spec.name}': MQTT connection to {self.host}:{self.port} "
                                          f"lost while waiting for {what} ({mqtt.error_string(rc)})")
 
@@ -318,18 +327,36 @@ class MqttSource:
             props.ReceiveMaximum = receive_maximum
         self._connack = None
         client.on_connect = self._on_connect
+        where = f"the MQTT broker at {self.host}:{self.port}"
         try:
             client.connect(self.host, self.port, keepalive=KEEPALIVE, clean_start=False, properties=props)
+        except ssl.SSLCertVerificationError as exc:
+            raise SourceError(f"pipeline '{self.spec.name}': TLS to {where} failed: its certificate is not trusted "
+                              f"({exc.verify_message}). Set source.mqtt.security.ca_file (or MQTT_TLS_CA_FILE) "
+                              "to the CA that signed it.") from None
         except (OSError, ssl.SSLError) as exc:
-            raise SourceError(f"pipeline '{self.spec.name}': cannot connect to the MQTT broker at "
-                              f"{self.host}:{self.port} ({exc}). Start it (`ingest stack up`) or set MQTT_URL.") from exc
-        self._pump(client, lambda: self._connack is not None, CONNECT_TIMEOUT, "CONNACK")
+            raise SourceError(redact(f"pipeline '{self.spec.name}': cannot connect to {where} ({exc}). Start it "
+                                     "(`ingest stack up`) or set MQTT_URL.", self.secrets)) from None
+        try:
+            self._pump(client, lambda: self._connack is not None, CONNECT_TIMEOUT, "CONNACK")
+        except _ConnectionDropped as exc:
+            if self.tls and not self.auth.tls.cert_file:
+                # A TLS 1.3 server that requires a client certificate rejects it after the handshake: the
+                # client only sees the connection close before CONNACK.
+                raise SourceError(f"{exc}. {where} closed the TLS connection before CONNACK: a listener that "
+                                  "requires a client certificate does this without one; set "
+                                  "source.mqtt.security cert_file/key_file (or MQTT_TLS_CERT_FILE/KEY_FILE).") from None
+            raise
         assert self._connack is not None
         present, reason = self._connack
         if reason.is_failure:
             client.disconnect()
-            raise SourceError(f"pipeline '{self.spec.name}': the MQTT broker refused client id "
-                              f"'{self.client_id}': {reason}")
+            fix = ""
+            if reason.value in (0x86, 0x87, 0x8C):  # bad user name or password, not authorized, bad auth method
+                fix = (". Check source.mqtt.security username/password (or MQTT_USERNAME/MQTT_PASSWORD) and "
+                       "the broker's password file")
+            raise SourceError(f"pipeline '{self.spec.name}': {where} refused the connection of client id "
+                              f"'{self.client_id}': {reason}{fix}")
         return present, reason
 
     def _subscribe(self, client: mqtt.Client) -> None:
@@ -340,10 +367,15 @@ class MqttSource:
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise SourceError(f"pipeline '{self.spec.name}': MQTT subscribe failed ({mqtt.error_string(rc)})")
         self._pump(client, lambda: self._suback is not None, CONNECT_TIMEOUT, "SUBACK")
+        # A denied subscription is not an error packet: SUBACK carries reason 0x87 (Not authorized) and the
+        # broker then silently delivers nothing. Anything but "granted QoS 1" fails the run here.
         bad = [(t, r) for t, r in zip(self.topics, self._suback or [], strict=False) if r.is_failure or r.value != 1]
         if bad:
-            raise SourceError(f"pipeline '{self.spec.name}': the broker did not grant QoS 1 on "
-                              + ", ".join(f"'{t}' ({r})" for t, r in bad))
+            denied = any(r.value == 0x87 for _, r in bad)
+            raise SourceError(f"pipeline '{self.spec.name}': the MQTT broker at {self.host}:{self.port} did not "
+                              "grant QoS 1 on " + ", ".join(f"'{t}' ({r}, 0x{r.value:02X})" for t, r in bad)
+                              + (f". User '{self.username}' may not subscribe there: allow it in the broker's ACL "
+                                 "file (`topic read ...`)" if denied else ""))
 
     def _ensure_connected(self, version: int | None) -> None:
         """One connection per source object, kept across the batches of a run."""
@@ -741,13 +773,22 @@ class MqttSource:
                     counts["acked"] += 1
 
         client.on_publish = on_publish
+        connack: list[Any] = []
+        client.on_connect = lambda _c, _u, _f, reason, _p: connack.append(reason)
         try:
             client.connect(self.host, self.port, keepalive=KEEPALIVE)
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             raise SourceError(f"pipeline '{self.spec.name}': cannot connect to the MQTT broker at "
-                              f"{self.host}:{self.port} ({exc})") from exc
+                              f"{self.host}:{self.port} ({exc})") from None
         client.loop_start()
         try:
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            while not connack and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not connack or connack[0].is_failure:
+                # Without this a refused publisher would only time out waiting for PUBACKs.
+                raise SourceError(f"pipeline '{self.spec.name}': the MQTT broker at {self.host}:{self.port} refused "
+                                  f"the publisher: {connack[0] if connack else 'no CONNACK'}")
             topic_filter = self.topics[0]
             by_key: dict[Any, str] = {}
             stall = time.monotonic() + 60
@@ -778,7 +819,10 @@ class MqttSource:
             client.disconnect()
             client.loop_stop()
         if counts["failed"]:
-            raise SourceError(f"pipeline '{self.spec.name}': {counts['failed']} MQTT publishes refused ({failures})")
+            # Mosquitto drops a publish its ACLs deny; only the v5 PUBACK reason (0x87) says so.
+            raise SourceError(f"pipeline '{self.spec.name}': the MQTT broker at {self.host}:{self.port} refused "
+                              f"{counts['failed']} of {len(payloads)} publishes ({', '.join(failures)}): check "
+                              f"user '{self.username}' may publish there (the broker's ACLs)")
         return counts["acked"]
 
     def ensure_exists(self) -> None:

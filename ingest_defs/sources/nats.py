@@ -79,6 +79,7 @@ import inspect
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -90,6 +91,7 @@ from nats.js import api
 from nats.js.errors import APIError, NotFoundError
 
 from ingest_defs.config import PipelineSpec
+from ingest_defs.security import nats_auth, redact, url_secrets, without_userinfo
 from ingest_defs.sources.base import (
     Gap,
     PartitionRange,
@@ -364,8 +366,11 @@ class NatsSource:
         self.deliver_subject = f"_INBOX.ingest.{self.stream}.{self.durable}"
         get = connection.get if isinstance(connection, dict) else lambda k, d=None: getattr(connection, k, d)
         self._url = get("url") or "nats://localhost:4222"
-        self._user, self._password = get("user"), get("password")
-        self._token, self._creds_file = get("token"), get("creds_file")
+        self._where = without_userinfo(self._url)  # the URL as shown in messages (no user:password@)
+        self._auth = nats_auth(spec, connection)
+        self.secrets = (*self._auth.secrets, *url_secrets(self._url))
+        self._connecting = False
+        self._denied: str | None = None  # the server's last permissions violation (it only says so async)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nc: Any = None
         self._js: Any = None
@@ -380,7 +385,19 @@ class NatsSource:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(coro)
+        try:
+            return self._loop.run_until_complete(coro)
+        except Exception as exc:
+            # A request the server refused on permissions just times out; say what it refused instead.
+            if self._denied is None or (isinstance(exc, SourceError) and "denied" in str(exc)):
+                raise
+            raise self._denied_error() from None
+
+    def _denied_error(self) -> SourceError:
+        return SourceError(redact(
+            f"pipeline '{self.spec.name}': NATS at {self._where} denied this user: {self._denied}. "
+            "Grant the user publish/subscribe permission on the stream's subjects and the JetStream API "
+            "($JS.API.>, _INBOX.>) in the server's authorization block.", self.secrets))
 
     async def _jsm(self) -> Any:
         if self._nc is None or self._nc.is_closed:
@@ -391,19 +408,31 @@ class NatsSource:
                 "connect_timeout": 5,
                 "max_reconnect_attempts": 30,
             }
-            if self._user:
-                options["user"] = self._user
-            if self._password:
-                options["password"] = self._password
-            if self._token:
-                options["token"] = self._token
-            if self._creds_file:
-                options["user_credentials"] = self._creds_file
+            try:
+                options.update(self._auth.connect_options(str(self._url)))
+            except (OSError, ssl.SSLError) as exc:
+                raise SourceError(f"pipeline '{self.spec.name}': NATS TLS settings for {self._where} do not load "
+                                  f"({exc}). Fix source.nats.security ca_file/cert_file/key_file.") from None
+            self._connecting = True
             try:
                 self._nc = await nats.connect(**options)
+            except _Refused as exc:
+                raise SourceError(redact(
+                    f"pipeline '{self.spec.name}': NATS at {self._where} refused the connection: {exc.reason}. "
+                    f"{exc.fix}", self.secrets)) from None
             except Exception as exc:
-                raise SourceError(f"pipeline '{self.spec.name}': cannot connect to NATS at {self._url} ({exc!r}). "
-                                  "Start the stack (`ingest stack up`) or set NATS_URL.") from exc
+                raise SourceError(redact(
+                    f"pipeline '{self.spec.name}': cannot connect to NATS at {self._where} ({exc!r}). "
+                    "Start the stack (`ingest stack up`) or set NATS_URL.", self.secrets)) from None
+            finally:
+                self._connecting = False
+            try:  # a user without JetStream API permission is found here, not by a 30 s request timeout
+                await self._nc.jetstream(timeout=5).account_info()
+            except Exception as exc:
+                if self._denied is not None:
+                    raise self._denied_error() from None
+                raise SourceError(redact(f"pipeline '{self.spec.name}': NATS at {self._where} did not answer a "
+                                         f"JetStream request ({exc!r}); is JetStream enabled?", self.secrets)) from None
             self._js = self._nc.jetstream(timeout=30)
             self._fast = fast_path_supported(self._nc)
             if self._fast:
@@ -440,7 +469,14 @@ class NatsSource:
                 self._reader.lose(f"the client dropped messages ({exc})")
             logger.error("pipeline %s: %s", self.spec.name, exc)
             return
-        logger.warning("pipeline %s: NATS error: %r", self.spec.name, exc)
+        text = str(exc)
+        if "permissions violation" in text.lower():
+            self._denied = text.removeprefix("nats: ").strip("'")
+        if self._connecting:
+            refused = _refusal(exc)
+            if refused is not None:
+                raise refused  # raised from nats-py's error callback: connect() gives up at once, no retries
+        logger.warning("pipeline %s: NATS error: %s", self.spec.name, redact(repr(exc), self.secrets))
 
     async def _subscribe(self, subject: str, reader: _Reader, handle: Callable[..., bytes | None],
                          max_messages: int, max_bytes: int) -> Any:
@@ -915,6 +951,32 @@ class NatsSource:
             if tasks:
                 loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.close()
+
+
+class _Refused(Exception):
+    """The server (or its certificate) refused us during connect: retrying cannot help."""
+
+    def __init__(self, reason: str, fix: str):
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
+
+
+def _refusal(exc: Exception) -> _Refused | None:
+    text = str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _Refused(f"TLS: the server's certificate is not trusted ({exc.verify_message})",
+                        "Set source.nats.security.ca_file (or NATS_TLS_CA_FILE) to the CA that signed it.")
+    if isinstance(exc, ssl.SSLError):
+        return _Refused(f"TLS handshake failed ({exc.reason or text})",
+                        "Check the TLS settings; a server that verifies clients needs cert_file/key_file.")
+    lowered = text.lower()
+    if "authorization violation" in lowered or "authentication" in lowered or "user authentication" in lowered:
+        return _Refused(f"authentication failed ({text.removeprefix('nats: ')})",
+                        "Check the user/password, token or NKey of source.nats.security (or NATS_USER/"
+                        "NATS_PASSWORD/NATS_TOKEN).")
+    if "tls required" in lowered or "secure connection" in lowered:
+        return _Refused(f"the server requires TLS ({text})", "Set source.nats.security.tls: true and ca_file.")
+    return None
 
 
 def _value(x: Any) -> Any:

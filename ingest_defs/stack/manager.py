@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ingest_defs.stack import secure
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parents[1]
 
@@ -83,6 +85,7 @@ SYSTEM_PACKAGES = {
     "mosquitto": "mosquitto",
     "java": "openjdk-17-jre-headless",
     "mvn": "maven",
+    "openssl": "openssl",  # makes the secure stack's certificates
 }
 _SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 _apt_updated = False
@@ -196,6 +199,7 @@ class Broker:
     write_config: Callable[[Broker], list[str]]  # writes config, returns argv
     extra_ports: dict[int, str] = field(default_factory=dict)  # port -> description
     root: Path = field(default_factory=stack_dir)
+    after_ready: Callable[[], None] | None = None  # idempotent setup once it answers (secure Kafka: users, ACLs)
 
     @property
     def dir(self) -> Path:
@@ -226,7 +230,9 @@ class Broker:
         return {self.endpoint.port: f"{self.label} port", **self.extra_ports}
 
 
-def _brokers() -> list[Broker]:
+def _brokers(secure: bool = False) -> list[Broker]:
+    if secure:
+        return _secure_brokers()
     kafka, nats_ep, mqtt = kafka_endpoint(), nats_endpoint(), mqtt_endpoint()
     controller = kafka_controller_port()
     root = stack_dir()
@@ -271,6 +277,82 @@ def _brokers() -> list[Broker]:
     ]
 
 
+def _secure_layout() -> secure.Layout:
+    return secure.Layout(stack_dir() / "secure")
+
+
+def _secure_brokers() -> list[Broker]:
+    """The secure stack (`up --secure`): its own ports, directory and pidfiles; see stack/secure.py."""
+    try:
+        ports = {name: secure.port(name) for name in secure.DEFAULT_PORTS}
+    except secure.SecureStackError as exc:
+        raise StackError(str(exc)) from exc
+    layout = _secure_layout()
+    env = secure.client_env(layout)
+    local = "127.0.0.1"
+    return [
+        Broker(
+            name="kafka", label="Kafka (SASL_SSL+mTLS)", env_var="INGEST_SECURE_KAFKA_PORT",
+            address=env["INGEST_SECURE_KAFKA_SASL"], endpoint=Endpoint(local, ports["INGEST_SECURE_KAFKA_PORT"]),
+            binary="java", timeout=KAFKA_TIMEOUT, probe=lambda t: _probe_secure_kafka(layout, t),
+            write_config=lambda b: _secure_kafka_config(b, layout),
+            extra_ports={ports["INGEST_SECURE_KAFKA_MTLS_PORT"]: "Kafka mTLS port (INGEST_SECURE_KAFKA_MTLS_PORT)",
+                         ports["INGEST_SECURE_KAFKA_CONTROLLER_PORT"]:
+                             "Kafka KRaft controller port (INGEST_SECURE_KAFKA_CONTROLLER_PORT)"},
+            root=layout.root, after_ready=lambda: secure.kafka_setup(layout, secure.load_secrets(layout)),
+        ),
+        Broker(
+            name="nats", label="NATS (TLS+users)", env_var="INGEST_SECURE_NATS_PORT",
+            address=env["INGEST_SECURE_NATS_URL"], endpoint=Endpoint(local, ports["INGEST_SECURE_NATS_PORT"]),
+            binary="nats-server", timeout=NATS_TIMEOUT, probe=lambda t: _probe_secure_nats(layout, t),
+            write_config=lambda b: _secure_nats_config(b, layout), root=layout.root,
+        ),
+        Broker(
+            name="mosquitto", label="MQTT (TLS+users, mTLS)", env_var="INGEST_SECURE_MQTT_PORT",
+            address=env["INGEST_SECURE_MQTT_URL"], endpoint=Endpoint(local, ports["INGEST_SECURE_MQTT_PORT"]),
+            binary="mosquitto", timeout=MQTT_TIMEOUT, probe=lambda t: _probe_secure_mqtt(layout, t),
+            write_config=lambda b: _secure_mosquitto_config(b, layout),
+            extra_ports={ports["INGEST_SECURE_MQTT_MTLS_PORT"]: "MQTT mTLS port (INGEST_SECURE_MQTT_MTLS_PORT)"},
+            root=layout.root,
+        ),
+    ]
+
+
+def _prepare_secure() -> None:
+    """Passwords, certificates, the Mosquitto password/ACL files and env.sh (made once, reused after)."""
+    layout = _secure_layout()
+    if not shutil.which("openssl"):
+        raise StackError("`openssl` not found (it makes the secure stack's certificates): apt-get install openssl")
+    try:
+        passwords = secure.load_secrets(layout, create=True)
+        secure.ensure_tls(layout, passwords["INGEST_SECURE_KEYSTORE_PASSWORD"])
+        secure.write_mosquitto_auth(layout, passwords)
+        secure.write_env_file(layout)
+    except secure.SecureStackError as exc:
+        raise StackError(str(exc)) from exc
+
+
+def _secure_kafka_config(b: Broker, layout: secure.Layout) -> list[str]:
+    b.data_dir.mkdir(parents=True, exist_ok=True)
+    b.config.touch(mode=0o600)
+    b.config.chmod(0o600)  # it holds the keystore and PLAIN passwords
+    b.config.write_text(secure.kafka_properties(layout, b.data_dir, secure.load_secrets(layout)))
+    return _kafka_argv(b)
+
+
+def _secure_nats_config(b: Broker, layout: secure.Layout) -> list[str]:
+    argv = _nats_config(b)
+    b.config.write_text(secure.nats_conf(layout, b.data_dir, secure.load_secrets(layout)))
+    b.config.chmod(0o600)
+    return argv
+
+
+def _secure_mosquitto_config(b: Broker, layout: secure.Layout) -> list[str]:
+    argv = _mosquitto_config(b)
+    b.config.write_text(secure.mosquitto_conf(layout, b.config.read_text()))
+    return argv
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -299,6 +381,10 @@ def _kafka_config(b: Broker) -> list[str]:
         "delete.topic.enable=true\n"
         "log.retention.check.interval.ms=5000\n"
     )
+    return _kafka_argv(b)
+
+
+def _kafka_argv(b: Broker) -> list[str]:
     return [
         _java(),
         "-Xmx768m",
@@ -804,7 +890,7 @@ def _probe_nats(url: str, timeout: float) -> None:
     asyncio.run(asyncio.wait_for(check(), timeout + 1))
 
 
-def _probe_mqtt(ep: Endpoint, timeout: float) -> None:
+def _probe_mqtt(ep: Endpoint, timeout: float, tls: object = None, credentials: tuple[str, str] | None = None) -> None:
     import paho.mqtt.client as mqtt
 
     client = mqtt.Client(
@@ -813,6 +899,10 @@ def _probe_mqtt(ep: Endpoint, timeout: float) -> None:
         protocol=mqtt.MQTTv5,
     )
     client.connect_timeout = timeout
+    if tls is not None:
+        client.tls_set_context(tls)
+    if credentials is not None:
+        client.username_pw_set(*credentials)
     done = threading.Event()
     result: dict[str, object] = {}
 
@@ -832,6 +922,53 @@ def _probe_mqtt(ep: Endpoint, timeout: float) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _probe_secure_kafka(layout: secure.Layout, timeout: float) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({**secure.kafka_admin_config(layout), "logger": _Quiet(), "log_level": 0})
+    if not admin.list_topics(timeout=timeout).brokers:
+        raise RuntimeError("metadata without brokers")
+
+
+def _probe_secure_nats(layout: secure.Layout, timeout: float) -> None:
+    import ssl
+
+    import nats
+
+    password = secure.load_secrets(layout)["INGEST_SECURE_INGEST_PASSWORD"]
+
+    async def check() -> None:
+        async def quiet(*_args: object) -> None:
+            return None
+
+        nc = await nats.connect(
+            secure.client_env(layout)["INGEST_SECURE_NATS_URL"], user="ingest", password=password,
+            tls=ssl.create_default_context(cafile=str(layout.ca)), connect_timeout=timeout,
+            allow_reconnect=False, max_reconnect_attempts=0, error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet,
+        )
+        try:
+            await nc.jetstream(timeout=timeout).account_info()
+        finally:
+            await nc.close()
+
+    # asyncio warns "returning true from eof_received() has no effect when using ssl" on every TLS close.
+    quiet_asyncio = logging.getLogger("asyncio")
+    level = quiet_asyncio.level
+    quiet_asyncio.setLevel(logging.ERROR)
+    try:
+        asyncio.run(asyncio.wait_for(check(), timeout + 1))
+    finally:
+        quiet_asyncio.setLevel(level)
+
+
+def _probe_secure_mqtt(layout: secure.Layout, timeout: float) -> None:
+    import ssl
+
+    password = secure.load_secrets(layout)["INGEST_SECURE_INGEST_PASSWORD"]
+    _probe_mqtt(Endpoint("127.0.0.1", secure.port("INGEST_SECURE_MQTT_PORT")), timeout,
+                tls=ssl.create_default_context(cafile=str(layout.ca)), credentials=("ingest", password))
 
 
 # --------------------------------------------------------------------------- commands
@@ -855,13 +992,17 @@ def up(secure: bool = False) -> int:
 
     Returns a process exit code (0 = all three answer).
     """
-    if secure:
-        raise SystemExit("ingest stack: --secure is not implemented yet")
     try:
-        brokers = _brokers()
+        brokers = _brokers(secure)
         if external():
             return _up_external(brokers)
-        return _up_native(brokers)
+        if secure:
+            _prepare_secure()
+        rc = _up_native(brokers)
+        if rc == 0 and secure:
+            _say(f"ingest stack: secure stack up; for its addresses, CA, client certificates and passwords: "
+                 f"`. {_secure_layout().env_file}` (see the README's security section)")
+        return rc
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
@@ -938,6 +1079,12 @@ def _up_native(brokers: list[Broker]) -> int:
         waiting = [b for b in brokers if b.name not in failures]
         results = _check_answers(waiting, pids, {b.name: b.timeout for b in waiting})
         failures.update({k: v for k, v in results.items() if v is not None})
+        for b in waiting:
+            if b.after_ready is not None and b.name not in failures:
+                try:
+                    b.after_ready()
+                except Exception as exc:  # noqa: BLE001 - reported as this broker's failure
+                    failures[b.name] = f"setup after start failed: {type(exc).__name__}: {exc}"[:300]
 
     for b in brokers:
         if b.name in failures:
@@ -963,10 +1110,14 @@ def _read_run(b: Broker) -> dict:
         return {}
 
 
-def down() -> int:
-    """Stop the brokers this stack started (pidfiles), SIGTERM then SIGKILL after 20 s."""
+def down(secure: bool | None = None) -> int:
+    """Stop the brokers this stack started (pidfiles), SIGTERM then SIGKILL after 20 s.
+
+    `secure`: None stops the plain and the secure stack, True only the secure one, False only the plain one."""
     try:
-        brokers = _brokers()
+        brokers = [] if secure else _brokers()
+        if secure is not False and _secure_layout().root.exists():
+            brokers += _brokers(secure=True)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
@@ -987,12 +1138,12 @@ def down() -> int:
             b.address = _read_run(b).get("address") or b.address  # what it was started with
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            running[b.name] = pid
+            running[b.label] = pid
         deadline = time.monotonic() + STOP_TIMEOUT
         while running and time.monotonic() < deadline and any(_alive(p) for p in running.values()):
             time.sleep(0.1)
         for b in brokers:
-            pid = running.get(b.name)
+            pid = running.get(b.label)
             if pid is None:
                 continue
             how = "stopped"
@@ -1020,10 +1171,10 @@ def down() -> int:
     return rc
 
 
-def status() -> int:
+def status(secure: bool = False) -> int:
     """Print address, pid (if ours) and health of each broker; non-zero if any is not answering."""
     try:
-        brokers = _brokers()
+        brokers = _brokers(secure)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
