@@ -89,6 +89,21 @@ def bench_kafka(messages: int, partitions: int, batch: int) -> dict[str, Any]:
     spec = parse_pipeline(f"bench_{partitions}p", {
         "source": {"kafka": {"topic": topic, "partitions": partitions}}, "schema": SCHEMA,
         "table": str(lake / "a" / "bronze"), "batch": {"max_messages": batch, "max_run_seconds": 3600}})
+    # Best of two, like the bare read: each into a table of its own, so each reads everything.
+    path_seconds, results = min((_path(spec.model_copy(update={"table": str(lake / f"a{i}" / "bronze")}), messages)
+                                 for i in range(2)), key=lambda run: run[0])
+    read_s = sum(r.duration_s for r in results)
+    dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": str(lake / "b" / "bronze")}), messages)
+    return {
+        "name": f"kafka {partitions} partition(s)",
+        "messages": messages, "batch": batch, "batches": len(results),
+        "bare_rate": bare, "path_rate": messages / path_seconds, "ratio": messages / path_seconds / bare,
+        "batch_seconds": round(read_s, 2), "dagster_rate": dagster_rate, "ratio_b": dagster_rate / bare,
+    }
+
+
+def _path(spec: Any, messages: int) -> tuple[float, list[Any]]:
+    """Our batch path in this process: seconds from the first plan to the last ack, and the batches."""
     source = source_for(spec)
     runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
                          DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), BatchContext(trigger="bench"))
@@ -99,14 +114,7 @@ def bench_kafka(messages: int, partitions: int, batch: int) -> dict[str, Any]:
     source.close()
     landed = sum(r.rows_written + r.rows_quarantined for r in results)
     assert landed == messages, f"landed {landed} of {messages}"
-    read_s = sum(r.duration_s for r in results)
-    dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": str(lake / "b" / "bronze")}), messages)
-    return {
-        "name": f"kafka {partitions} partition(s)",
-        "messages": messages, "batch": batch, "batches": len(results),
-        "bare_rate": bare, "path_rate": messages / path_seconds, "ratio": messages / path_seconds / bare,
-        "batch_seconds": round(read_s, 2), "dagster_rate": dagster_rate, "ratio_b": dagster_rate / bare,
-    }
+    return path_seconds, results
 
 
 def _via_dagster_runs(spec, messages: int) -> float:
