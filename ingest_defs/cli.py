@@ -80,16 +80,18 @@ def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | 
 
     from ingest_defs.assets.ingestion import job_name, op_name
     from ingest_defs.factory import build_definitions
+    from ingest_defs.partitions import partition_key_at
 
     defs = build_definitions({spec.name: spec})
     job = defs.resolve_job_def(job_name(spec))
-    config = {"trigger": trigger, "max_batches": max_batches}
+    config = {"trigger": trigger, "max_batches": max_batches, "mode": "live"}
     if max_seconds is not None:
         config["max_seconds"] = max_seconds
     run_config = {"ops": {op_name(spec): {"config": config}},
                   "loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "WARNING"}}}}
     with DagsterInstance.get() as instance:
         return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
+                                      partition_key=partition_key_at(spec),
                                       tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger})
 
 
