@@ -34,6 +34,7 @@ from ingest_tests.conftest import (
     write_pipelines_file,
 )
 from ingest_tests.test_kafka_pipeline import BOOTSTRAP, delta_positions, produce
+from ingest_tests.test_mqtt_pipeline import sessions  # noqa: F401 - the fixture that ends MQTT sessions
 
 pytestmark = pytest.mark.usefixtures("stack")
 
@@ -286,3 +287,30 @@ def test_run_mode_and_live_requests_target_the_current_partition():
     hourly = kafka_spec(partitions=1).model_copy(update={"partitions": PartitionsSpec(granularity="hourly")})
     assert partition_key_at(hourly).endswith(":00")
     assert partitions_def(hourly).get_last_partition_key() == partition_key_at(hourly)
+
+
+def test_mqtt_backfill_replays_from_the_lake_and_re_drives_quarantine(lake, instance, sessions):  # noqa: F811
+    from ingest_tests.test_mqtt_pipeline import SCHEMA, mqtt_spec, payloads, publish, register
+    from ingest_tests.test_mqtt_pipeline import assert_exactly_once as mqtt_exactly_once
+
+    strict = {"columns": {**SCHEMA["columns"],
+                          "temperature": {"dtype": "float64", "checks": {"in_range": {"min_value": -50, "max_value": 20}}}}}
+    spec = mqtt_spec(max_messages=200, schema=strict)
+    sessions.append(spec)
+    register(spec)
+    published = publish(spec, payloads(0, 500, bad_every=25))
+    run_until_caught_up(spec, instance)
+    before_t, before_q = tables(spec)
+    assert before_q.filter(pl.col("_error").str.contains("temperature")).height > 100
+    today = partition_key_at(spec)
+    # MQTT cannot replay: the rows' `_raw` is the source. Same schema: the same rows.
+    meta = replay_metadata(backfill(spec, instance, [today]), spec)
+    assert meta["batches_not_replayed"] == 0 and meta["batches_replaced"] >= 3
+    after_t, after_q = tables(spec)
+    assert after_t.equals(before_t) and after_q.equals(before_q)
+    # the schema fix: a backfill moves the too-hot readings into the target
+    fixed = with_schema(spec, SCHEMA)
+    backfill(spec, instance, [today], backfill_id="fix", schema_spec=fixed)
+    target, quarantine = mqtt_exactly_once(fixed, published)
+    assert quarantine.height == 20 and not quarantine["_error"].str.contains("temperature <= 20").any()
+    assert target.height == 480
