@@ -72,8 +72,9 @@ def build_ingestion_sensor(spec: PipelineSpec, job: dg.UnresolvedAssetJobDefinit
         description=f"Requests a bounded micro-batch of {spec.name} when the broker has messages beyond Delta.",
     )
     def _sensor(context: dg.SensorEvaluationContext, **resources):
-        source = resources[kind].source_for(spec)
-        return plan_run_request(context, spec, source, "sensor")
+        # Under the daemon the resource is on the context; build_sensor_context(resources=...) passes it in.
+        resource = resources.get(kind) or getattr(context.resources, kind)
+        return plan_run_request(context, spec, resource.source_for(spec), "sensor")
 
     return _sensor
 
