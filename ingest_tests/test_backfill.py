@@ -314,3 +314,48 @@ def test_mqtt_backfill_replays_from_the_lake_and_re_drives_quarantine(lake, inst
     target, quarantine = mqtt_exactly_once(fixed, published)
     assert quarantine.height == 20 and not quarantine["_error"].str.contains("temperature <= 20").any()
     assert target.height == 480
+
+
+def test_assets_are_partitioned_by_ingestion_time_with_a_freshness_policy_when_configured():
+    from datetime import timedelta
+
+    from ingest_defs.assets.ingestion import target_key
+
+    spec = kafka_spec(partitions=1, checks={"freshness_minutes": 5})
+    defs = build_definitions({spec.name: spec})
+    node = defs.resolve_asset_graph().get(target_key(spec))
+    assert node.partitions_def.get_last_partition_key() == partition_key_at(spec)  # today is a valid partition
+    assert node.backfill_policy == dg.BackfillPolicy.single_run()
+    assert node.freshness_policy.fail_window.to_timedelta() == timedelta(minutes=5)
+    plain = kafka_spec(partitions=1)
+    assert build_definitions({plain.name: plain}).resolve_asset_graph().get(target_key(plain)).freshness_policy is None
+
+
+def test_sensor_and_schedule_request_live_runs_of_the_current_partition_one_at_a_time(lake, instance):
+    from datetime import UTC, datetime
+
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    from ingest_defs.resources.brokers import resources_from_env
+
+    spec = kafka_spec(partitions=1, trigger={"sensor": {"interval_seconds": 5}, "schedule": "*/5 * * * *"})
+    defs = build_definitions({spec.name: spec})
+    produce(spec, make_samples(spec, 10, seed=69).payloads)
+    with dg.build_sensor_context(instance=instance, resources=resources_from_env()) as ctx:
+        request = defs.resolve_sensor_def(f"{spec.name}_sensor")(ctx)
+    assert isinstance(request, dg.RunRequest) and request.partition_key == partition_key_at(spec)
+    assert request.run_config["ops"][op_name(spec)]["config"]["mode"] == "live"
+    schedule = defs.resolve_schedule_def(f"{spec.name}_schedule")
+    tick = datetime(2026, 3, 4, 5, 10, tzinfo=UTC)
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                   repository_def=defs.get_repository_def()) as ctx:
+        request = schedule.evaluate_tick(ctx).run_requests[0]
+    assert request.partition_key == "2026-03-04"
+    assert request.run_config["ops"][op_name(spec)]["config"] == {"trigger": "schedule", "mode": "live"}
+    # while a run of the pipeline is in progress, neither asks for another one
+    instance.add_run(DagsterRun(job_name=job_name(spec), run_id="f" * 36, status=dg.DagsterRunStatus.STARTED))
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=tick,
+                                   repository_def=defs.get_repository_def()) as ctx:
+        assert not schedule.evaluate_tick(ctx).run_requests
+    with dg.build_sensor_context(instance=instance, resources=resources_from_env()) as ctx:
+        assert isinstance(defs.resolve_sensor_def(f"{spec.name}_sensor")(ctx), dg.SkipReason)

@@ -9,6 +9,7 @@ No `from __future__ import annotations` here: Dagster reads the asset's config a
 
 import re
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
@@ -101,6 +102,16 @@ def source_asset_spec(spec: PipelineSpec) -> dg.AssetSpec:
     return dg.AssetSpec(source_asset_key(spec), description=what, group_name=BROKER_GROUP, kinds={src.kind})
 
 
+def freshness_policy(spec: PipelineSpec) -> Any:
+    """`checks.freshness_minutes`: the target should have materialized within that window (warn at half).
+    Dagster cannot go below one minute; sub-minute freshness shows as the `lag` metadata and check."""
+    minutes = spec.checks.freshness_minutes
+    if minutes is None:
+        return None
+    window = timedelta(minutes=minutes)
+    return dg.FreshnessPolicy.time_window(fail_window=window, warn_window=window / 2 if minutes >= 2 else None)
+
+
 def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
     kind = spec.source.kind
     tkey, qkey = target_key(spec), quarantine_key(spec)
@@ -114,7 +125,9 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         specs=[
             dg.AssetSpec(tkey, deps=[source_asset_key(spec)], group_name=INGESTION_GROUP, kinds={"delta", kind},
                          description=spec.description or f"{spec.name}: rows that passed validation",
-                         metadata={**table_meta, "dagster/column_schema": dg.TableSchema(columns)}),
+                         metadata={**table_meta, "dagster/column_schema": dg.TableSchema(columns),
+                                   "ledger_uri": dg.MetadataValue.path(spec.ledger_uri())},
+                         freshness_policy=freshness_policy(spec)),
             dg.AssetSpec(qkey, deps=[source_asset_key(spec)], group_name=INGESTION_GROUP, kinds={"delta"},
                          skippable=True, description=f"{spec.name}: messages that failed decoding or validation",
                          metadata={"pipeline": spec.name, "table_uri": dg.MetadataValue.path(spec.quarantine_uri())}),
