@@ -103,12 +103,18 @@ class Ledger:
     def __init__(self, uri: str, pipeline: str, storage_options: dict[str, str] | None = None):
         self.uri, self.pipeline, self.storage_options = uri, pipeline, storage_options
         self.app_id = f"{pipeline}/ledger"
+        self._table: DeltaTable | None = None
 
     def table(self) -> DeltaTable | None:
-        try:
-            return DeltaTable(self.uri, storage_options=self.storage_options)
-        except TableNotFoundError:
-            return None
+        """The ledger table at its latest version (opened once, then refreshed incrementally)."""
+        if self._table is None:
+            try:
+                self._table = DeltaTable(self.uri, storage_options=self.storage_options)
+            except TableNotFoundError:
+                return None
+        else:
+            self._table.update_incremental()
+        return self._table
 
     def recorded_target_version(self) -> int | None:
         table = self.table()
@@ -127,8 +133,9 @@ class Ledger:
         props = CommitProperties(app_transactions=txns or None, custom_metadata={"ingest.pipeline": self.pipeline})
         for attempt in range(5):  # a concurrent replay's ledger append may win the race; appends never conflict on data
             try:
-                write_deltalake(self.uri, frame.to_arrow(), mode="append", commit_properties=props,
-                                storage_options=self.storage_options)
+                table = self.table()
+                write_deltalake(table if table is not None else self.uri, frame.to_arrow(), mode="append",
+                                commit_properties=props, storage_options=None if table is not None else self.storage_options)
                 return
             except CommitFailedError:
                 if attempt == 4:

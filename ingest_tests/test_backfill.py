@@ -35,6 +35,7 @@ from ingest_tests.conftest import (
 )
 from ingest_tests.test_kafka_pipeline import BOOTSTRAP, delta_positions, produce
 from ingest_tests.test_mqtt_pipeline import sessions  # noqa: F401 - the fixture that ends MQTT sessions
+from ingest_tests.test_nats_pipeline import _delete_streams  # noqa: F401 - deletes the streams of nats_spec()
 
 pytestmark = pytest.mark.usefixtures("stack")
 
@@ -86,8 +87,8 @@ def ledger_frame(spec: PipelineSpec) -> pl.DataFrame:
 
 
 def test_ledger_records_every_batch_and_a_backfill_reproduces_the_rows_exactly(lake, instance):
-    spec = kafka_spec(partitions=2, batch={"max_messages": 400})
-    samples = make_samples(spec, 1500, bad_fraction=0.05, seed=61)
+    spec = kafka_spec(partitions=2, batch={"max_messages": 300})
+    samples = make_samples(spec, 900, bad_fraction=0.05, seed=61)
     produced = produce(spec, samples.payloads, samples.keys)
     run_until_caught_up(spec, instance)
     before_t, before_q = tables(spec)
@@ -128,7 +129,7 @@ def test_ledger_records_every_batch_and_a_backfill_reproduces_the_rows_exactly(l
     assert set(replays["generation"]) == {"bf1", "bf2"}
 
     # the live path goes on from where it was, after the replays
-    more = produce(spec, make_samples(spec, 200, seed=62, start_id=1500).payloads)
+    more = produce(spec, make_samples(spec, 200, seed=62, start_id=900).payloads)
     run_until_caught_up(spec, instance)
     assert_exactly_once(spec, produced | more)
 
@@ -173,12 +174,12 @@ def test_backfill_of_a_range_the_broker_no_longer_holds_says_so_and_changes_noth
 
 
 def test_backfill_next_to_live_batches_doubles_nothing(lake, instance):
-    spec = kafka_spec(partitions=2, schema=STRICT_EVENTS, batch={"max_messages": 200})
+    spec = kafka_spec(partitions=2, schema=STRICT_EVENTS, batch={"max_messages": 150})
     fixed = with_schema(spec, USER_ACTIVITY_SCHEMA)
-    first = make_samples(fixed, 1200, bad_fraction=0.02, seed=65)
+    first = make_samples(fixed, 750, bad_fraction=0.02, seed=65)
     produced = produce(spec, first.payloads, first.keys)
     run_until_caught_up(spec, instance)
-    second = make_samples(fixed, 1200, bad_fraction=0.02, seed=66, start_id=1200)
+    second = make_samples(fixed, 750, bad_fraction=0.02, seed=66, start_id=750)
     produced |= produce(spec, second.payloads, second.keys)
     errors: list[BaseException] = []
 
@@ -245,37 +246,40 @@ def test_crash_before_the_ledger_row_is_repaired_by_the_next_run(lake, instance,
     assert_exactly_once(spec, produced)
 
 
-def test_ingest_batches_and_ingest_replay_by_offsets(lake, instance, tmp_path: Path):
+def test_ingest_batches_and_ingest_replay_by_offsets(lake, instance, tmp_path: Path, monkeypatch, capsys):
+    from ingest_defs import cli
+
     spec = kafka_spec(partitions=1, schema=STRICT_EVENTS, batch={"max_messages": 100})
     fixed = with_schema(spec, USER_ACTIVITY_SCHEMA)
     samples = make_samples(fixed, 400, seed=68)
     produced = produce(spec, samples.payloads, samples.keys)
     run_until_caught_up(spec, instance)
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [fixed])),
-           "LAKE_ROOT": str(lake), "DAGSTER_HOME": str(tmp_path / "dh"), "COLUMNS": "200"}
-    listed = ingest_cli(["batches", spec.name], env)
-    assert listed.returncode == 0, listed.stderr
+    # the commands in this process (the crash test runs `ingest` as a child process)
+    monkeypatch.setenv("INGEST_PIPELINES", str(write_pipelines_file(tmp_path / "p.yaml", [fixed])))
+    monkeypatch.setenv("COLUMNS", "250")
+    assert cli.main(["batches", spec.name]) == 0
+    listed = capsys.readouterr().out
     ledger = ledger_frame(spec)
     for batch_id in ledger["batch_id"]:
-        assert batch_id in listed.stdout
+        assert batch_id in listed
     # offsets 120..180 lie in the second batch (100..199): that whole batch is replayed, nothing else
     _, quarantine_before = landed(spec)
-    replayed = ingest_cli(["replay", spec.name, "--from", "120", "--to", "180"], env)
-    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
-    assert "1 replaced" in replayed.stdout
+    assert cli.main(["replay", spec.name, "--from", "120", "--to", "180"]) == 0
+    assert "1 replaced, 0 not replayed" in capsys.readouterr().out
     target, quarantine = assert_exactly_once(fixed, produced)
     moved = set(quarantine_before.filter(pl.col("_offset").is_between(100, 199))["_offset"].to_list())
     assert moved and moved <= set(target["_offset"].to_list())
     assert set(quarantine["_offset"].to_list()) == set(quarantine_before["_offset"].to_list()) - moved
     # by broker time: every batch
-    replayed = ingest_cli(["replay", spec.name, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"], env)
-    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
-    assert f"{ledger['batch_id'].n_unique()} replaced" in replayed.stdout
+    assert cli.main(["replay", spec.name, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"]) == 0
+    assert f"{ledger['batch_id'].n_unique()} replaced" in capsys.readouterr().out
     target, quarantine = assert_exactly_once(fixed, produced)
     assert quarantine.is_empty()
+    assert cli.main(["batches", spec.name, "--replays"]) == 0
+    assert "replay replay-" in capsys.readouterr().out
     # a range not ingested yet is refused with the fix
-    beyond = ingest_cli(["replay", spec.name, "--from", "5000", "--to", "6000"], env)
-    assert beyond.returncode != 0 and "ingest run" in beyond.stdout
+    assert cli.main(["replay", spec.name, "--from", "5000", "--to", "6000"]) == 1
+    assert "ingest run" in capsys.readouterr().out
 
 
 def test_run_mode_and_live_requests_target_the_current_partition():
@@ -359,3 +363,27 @@ def test_sensor_and_schedule_request_live_runs_of_the_current_partition_one_at_a
         assert not schedule.evaluate_tick(ctx).run_requests
     with dg.build_sensor_context(instance=instance, resources=resources_from_env()) as ctx:
         assert isinstance(defs.resolve_sensor_def(f"{spec.name}_sensor")(ctx), dg.SkipReason)
+
+
+@pytest.mark.parametrize("retention", ["limits", "workqueue"])
+def test_nats_backfill_after_a_schema_fix(lake, instance, retention):
+    """Limits streams replay from the broker, work queues (acked = deleted) from the lake's `_raw`."""
+    from ingest_tests.test_nats_pipeline import ensure_exists, nats_spec
+    from ingest_tests.test_nats_pipeline import produce as nats_produce
+
+    spec = nats_spec(retention, schema=STRICT_EVENTS)
+    fixed = with_schema(spec, USER_ACTIVITY_SCHEMA)
+    ensure_exists(spec)
+    samples = make_samples(fixed, 700, bad_fraction=0.02, seed=70)
+    produced = nats_produce(spec, samples)
+    run_until_caught_up(spec, instance)
+    before_t, before_q = tables(spec)
+    assert before_q.filter(pl.col("_error").str.contains("event")).height > 50
+    today = partition_key_at(spec)
+    backfill(spec, instance, [today])  # same schema: the same rows
+    after_t, after_q = tables(spec)
+    assert after_t.equals(before_t) and after_q.equals(before_q)
+    meta = replay_metadata(backfill(spec, instance, [today], backfill_id="fix", schema_spec=fixed), fixed)
+    assert meta["batches_not_replayed"] == 0
+    _, quarantine = assert_exactly_once(fixed, produced)
+    assert sorted(quarantine["_raw"].to_list()) == sorted(p for i, p in enumerate(samples.payloads) if i in samples.bad)
