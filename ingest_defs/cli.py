@@ -176,7 +176,7 @@ def _last_commit_time(sink) -> str:
     if table is None:
         return "-"
     for entry in table.history(20):
-        if entry.get("ingest.batch_id"):
+        if entry.get("ingest.batch_id") and entry.get("ingest.mode") != "replay":
             return datetime.fromtimestamp(entry["timestamp"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
     return "-"
 
