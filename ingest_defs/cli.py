@@ -275,6 +275,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from ingest_defs.ledger import Ledger
     from ingest_defs.lifecycle import BatchContext
+    from ingest_defs.partitions import partition_key_at
     from ingest_defs.replay import Replayer
     from ingest_defs.resources.brokers import source_for
     from ingest_defs.sink import DeltaTableSink
@@ -286,7 +287,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                           "give two offsets or two times")
     if low > high:
         raise ConfigError(spec.name, "--from/--to", f"--from {args.from_} is after --to {args.to}", "swap them")
-    ledger = Ledger(spec.ledger_uri(), spec.name)
+    ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
     source = source_for(spec)
     generation = f"replay-{ULID()}"
     replayer = Replayer(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),

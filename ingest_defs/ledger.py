@@ -17,7 +17,7 @@ runs right after, so the commit metadata it needs is always still in the log.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -100,8 +100,11 @@ def partition_stats(frame: pl.DataFrame) -> dict[int, PartitionStats]:
 class Ledger:
     """The ledger table of one pipeline."""
 
-    def __init__(self, uri: str, pipeline: str, storage_options: dict[str, str] | None = None):
+    def __init__(self, uri: str, pipeline: str, storage_options: dict[str, str] | None = None,
+                 partition_of: Callable[[datetime], str] | None = None):
         self.uri, self.pipeline, self.storage_options = uri, pipeline, storage_options
+        # the partition of a commit time, for commits made before the ledger existed (no partition in metadata)
+        self.partition_of = partition_of
         self.app_id = f"{pipeline}/ledger"
         self._table: DeltaTable | None = None
 
@@ -174,31 +177,36 @@ class Ledger:
         missing = [c for c in commits if c["ingest.batch_id"] not in known]
         if not missing:
             return []
+        stats = self._stats_of([c["ingest.batch_id"] for c in missing], target, quarantine_uri)
         rows: list[dict[str, Any]] = []
         for commit in sorted(missing, key=lambda c: c["version"]):
-            rows.extend(self._rebuild(commit, target, quarantine_uri))
+            rows.extend(self._rebuild(commit, stats.get(commit["ingest.batch_id"], {})))
         self.append(rows, target_version=max(c["version"] for c in missing))
         return [c["ingest.batch_id"] for c in missing]
 
-    def _rebuild(self, commit: dict[str, Any], target: DeltaTable, quarantine_uri: str) -> list[dict[str, Any]]:
-        batch_id = commit["ingest.batch_id"]
-        ranges = [PartitionRange(**r) for r in json.loads(commit.get("ingest.ranges", "[]"))]
-        cols = ["_partition", "_offset", "_timestamp"]
-        frames = [pl.scan_delta(target.table_uri, storage_options=self.storage_options)
-                  .filter(pl.col("_batch_id") == batch_id).select(cols).collect()]
+    def _stats_of(self, batch_ids: list[str], target: DeltaTable,
+                  quarantine_uri: str) -> dict[str, dict[int, PartitionStats]]:
+        """Per batch and source partition, from the rows holding those batch ids (one scan per table)."""
+        cols = ["_batch_id", "_partition", "_offset", "_timestamp"]
+        uris = [target.table_uri]
         if DeltaTable.is_deltatable(quarantine_uri, storage_options=self.storage_options):
-            frames.append(pl.scan_delta(quarantine_uri, storage_options=self.storage_options)
-                          .filter(pl.col("_batch_id") == batch_id).select(cols).collect())
-        rows = pl.concat(frames)
-        stats = partition_stats(rows)
+            uris.append(quarantine_uri)
+        rows = pl.concat([pl.scan_delta(uri, storage_options=self.storage_options)
+                          .filter(pl.col("_batch_id").is_in(batch_ids)).select(cols).collect() for uri in uris])
+        return {batch_id: partition_stats(group) for (batch_id,), group in rows.group_by("_batch_id")}
+
+    def _rebuild(self, commit: dict[str, Any], stats: dict[int, PartitionStats]) -> list[dict[str, Any]]:
+        ranges = [PartitionRange(**r) for r in json.loads(commit.get("ingest.ranges", "[]"))]
         qv = commit.get("ingest.quarantine_version")
+        committed_at = datetime.fromtimestamp(commit["timestamp"] / 1000, UTC)
+        partition_key = commit.get("ingest.partition_key") or (self.partition_of(committed_at) if self.partition_of else "")
         return ledger_rows(
-            pipeline=self.pipeline, batch_id=batch_id, partition_key=commit.get("ingest.partition_key") or "",
-            mode="live", status="committed", trigger=commit.get("ingest.trigger") or "", run_id=commit.get("ingest.run_id") or "",
-            generation=None, covered=ranges, stats=stats, rows_written=None, rows_quarantined=None,
+            pipeline=self.pipeline, batch_id=commit["ingest.batch_id"],
+            partition_key=partition_key, mode="live", status="committed",
+            trigger=commit.get("ingest.trigger") or "", run_id=commit.get("ingest.run_id") or "", generation=None,
+            covered=ranges, stats=stats, rows_written=None, rows_quarantined=None,
             target_version=commit["version"], quarantine_version=int(qv) if qv else None,
-            ingested_at=_parse_ts(commit.get("ingest.ingested_at")),
-            committed_at=datetime.fromtimestamp(commit["timestamp"] / 1000, UTC))
+            ingested_at=_parse_ts(commit.get("ingest.ingested_at")), committed_at=committed_at)
 
 
 def ledger_rows(*, pipeline: str, batch_id: str, partition_key: str, mode: str, status: str, trigger: str,

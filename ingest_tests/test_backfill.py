@@ -389,3 +389,21 @@ def test_nats_backfill_after_a_schema_fix(lake, instance, retention):
     assert meta["batches_not_replayed"] == 0
     _, quarantine = assert_exactly_once(fixed, produced)
     assert sorted(quarantine["_raw"].to_list()) == sorted(p for i, p in enumerate(samples.payloads) if i in samples.bad)
+
+
+def test_batches_committed_without_a_ledger_row_are_recorded_by_the_first_backfill(lake, instance):
+    spec = kafka_spec(partitions=2, batch={"max_messages": 100})
+    produced = produce(spec, make_samples(spec, 300, bad_fraction=0.05, seed=73).payloads)
+    source = source_for(spec)
+    runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
+                         DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"))  # no ledger
+    try:
+        assert len(runner.run()) == 3
+    finally:
+        source.close()
+    assert ledger_frame(spec).is_empty()
+    meta = replay_metadata(backfill(spec, instance, [partition_key_at(spec)]), spec)
+    assert meta["batches_replaced"] == 3 and meta["batches_not_replayed"] == 0
+    live = ledger_frame(spec).filter(pl.col("mode") == "live")
+    assert live["batch_id"].n_unique() == 3 and live["count"].sum() == len(produced)
+    assert_exactly_once(spec, produced)

@@ -152,7 +152,7 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         source = getattr(context.resources, kind).source_for(spec)
         target = DeltaTableSink(spec.table_uri(), spec.name, "target")
         quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
-        ledger = Ledger(spec.ledger_uri(), spec.name)
+        ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
         if mode == "replay":
             generation = tags.get("dagster/backfill") or context.run.run_id
             ctx = BatchContext(run_id=context.run.run_id, trigger="backfill" if "dagster/backfill" in tags else config.trigger,
