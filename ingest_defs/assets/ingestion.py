@@ -274,6 +274,7 @@ def report_replay(spec: PipelineSpec, keys: list[str], generation: str, outcomes
         "rows_written": written,
         "rows_quarantined": quarantined,
         "delta_version": versions[-1] if versions else None,
+        "lag": lag,  # of the live path, measured after the replay
         "dagster/row_count": written,
     }
     if missed:
