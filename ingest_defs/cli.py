@@ -80,16 +80,18 @@ def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | 
 
     from ingest_defs.assets.ingestion import job_name, op_name
     from ingest_defs.factory import build_definitions
+    from ingest_defs.partitions import partition_key_at
 
     defs = build_definitions({spec.name: spec})
     job = defs.resolve_job_def(job_name(spec))
-    config = {"trigger": trigger, "max_batches": max_batches}
+    config = {"trigger": trigger, "max_batches": max_batches, "mode": "live"}
     if max_seconds is not None:
         config["max_seconds"] = max_seconds
     run_config = {"ops": {op_name(spec): {"config": config}},
                   "loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "WARNING"}}}}
     with DagsterInstance.get() as instance:
         return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
+                                      partition_key=partition_key_at(spec),
                                       tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger})
 
 
@@ -174,7 +176,7 @@ def _last_commit_time(sink) -> str:
     if table is None:
         return "-"
     for entry in table.history(20):
-        if entry.get("ingest.batch_id"):
+        if entry.get("ingest.batch_id") and entry.get("ingest.mode") != "replay":
             return datetime.fromtimestamp(entry["timestamp"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
     return "-"
 
@@ -206,6 +208,122 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(pl.read_delta(spec.table_uri()).select(
                 *payload_cols, "_stream", "_partition", "_offset", "_timestamp").head(args.rows))
     return 0
+
+
+def cmd_batches(args: argparse.Namespace) -> int:
+    """The batch ledger: each committed batch's ranges, counts, trigger, versions and run id."""
+    import polars as pl
+
+    from ingest_defs.ledger import Ledger
+
+    spec = _load(args.pipeline)[args.pipeline]
+    ledger = Ledger(spec.ledger_uri(), spec.name)
+    expr = pl.lit(True)
+    if args.partition:
+        expr = expr & (pl.col("partition_key") == args.partition)
+    if not args.replays:
+        expr = expr & (pl.col("mode") == "live")
+    frame = ledger.frame(expr)
+    if frame.is_empty():
+        console.print(f"{spec.name}: no batches in {spec.ledger_uri()}" + (f" for partition {args.partition}" if args.partition else ""))
+        return 0
+    batches = (frame.sort("committed_at", "source_partition")
+               .with_columns(pl.format("p{}:{}..{}", "source_partition", "range_start", "range_end").alias("range"))
+               .group_by("batch_id", "mode", "generation", "status", maintain_order=True)
+               .agg(pl.col("partition_key").first(), pl.col("trigger").first(), pl.col("range").str.join(" "),
+                    pl.col("count").sum(), pl.col("rows_written").first(), pl.col("rows_quarantined").first(),
+                    pl.col("target_version").first(), pl.col("first_timestamp").min(), pl.col("last_timestamp").max(),
+                    pl.col("run_id").first(), pl.col("committed_at").first())
+               .tail(args.limit))
+    table = Table("batch", "partition", "mode", "trigger", "ranges", "msgs", "rows", "quar.", "delta v",
+                  "broker time (UTC)", "run", "status", title=f"{spec.name}: {spec.ledger_uri()}")
+    for b in batches.iter_rows(named=True):
+        when = "-" if b["first_timestamp"] is None else (
+            f"{b['first_timestamp']:%Y-%m-%d %H:%M:%S} → {b['last_timestamp']:%H:%M:%S}")
+        mode = b["mode"] if b["mode"] == "live" else f"replay {b['generation']}"
+        table.add_row(b["batch_id"], b["partition_key"], mode, b["trigger"], b["range"], str(b["count"]),
+                      _dash(b["rows_written"]), _dash(b["rows_quarantined"]), _dash(b["target_version"]), when,
+                      (b["run_id"] or "-")[:8], b["status"])
+    console.print(table)
+    return 0
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _bound(text: str):
+    """An offset (int) or a broker time (ISO-8601, UTC unless it says otherwise)."""
+    from datetime import UTC, datetime
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(None, "--from/--to", f"'{text}' is neither an offset nor an ISO-8601 time",
+                          "give offsets (e.g. --from 1200 --to 1800) or times (e.g. --from 2026-11-27T10:00)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-ingest the batches overlapping an explicit range with the current schema, replacing their rows."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ulid import ULID
+
+    from ingest_defs.ledger import Ledger
+    from ingest_defs.lifecycle import BatchContext
+    from ingest_defs.partitions import partition_key_at
+    from ingest_defs.replay import Replayer
+    from ingest_defs.resources.brokers import source_for
+    from ingest_defs.sink import DeltaTableSink
+
+    spec = _load(args.pipeline)[args.pipeline]
+    low, high = _bound(args.from_), _bound(args.to)
+    if type(low) is not type(high):
+        raise ConfigError(spec.name, "--from/--to", "one bound is an offset and the other a time",
+                          "give two offsets or two times")
+    if low > high:
+        raise ConfigError(spec.name, "--from/--to", f"--from {args.from_} is after --to {args.to}", "swap them")
+    ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
+    source = source_for(spec)
+    generation = f"replay-{ULID()}"
+    replayer = Replayer(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
+                        DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), ledger,
+                        BatchContext(trigger="replay", mode="replay"), generation)
+    try:
+        batches = replayer.batches_for_range(low, high, args.partition)
+        if not batches:
+            console.print(f"[red]{spec.name}: no committed batch overlaps {args.from_}..{args.to}[/]. Only what the "
+                          f"pipeline has ingested can be replayed: run `ingest run {spec.name}` to ingest new data "
+                          f"(`ingest batches {spec.name}` lists what is there).")
+            return 1
+        spans = ", ".join(f"p{r.partition}:{r.start}..{r.end}" for b in batches for r in b.ranges)
+        console.print(f"{spec.name}: replaying {len(batches)} whole batches ({spans}) as generation {generation}")
+        outcomes = []
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rows]} rows, {task.fields[quarantined]} quarantined"),
+                      TimeElapsedColumn(), console=console, transient=False) as progress:
+            task = progress.add_task(f"replay {spec.name}", total=len(batches), rows=0, quarantined=0)
+
+            def advance(outcome) -> None:
+                outcomes.append(outcome)
+                progress.update(task, advance=1, rows=sum(o.rows_written for o in outcomes),
+                                quarantined=sum(o.rows_quarantined for o in outcomes))
+
+            replayer.replay(batches, advance)
+    finally:
+        source.close()
+    replaced = [o for o in outcomes if o.status == "replaced"]
+    missed = [o for o in outcomes if o.status == "not replayed"]
+    for o in missed:
+        console.print(f"[red]{escape(o.describe())}[/]", soft_wrap=True)
+    console.print(f"{spec.name}: {len(replaced)} replaced, {len(missed)} not replayed; "
+                  f"{sum(o.rows_written for o in replaced)} rows in the target, "
+                  f"{sum(o.rows_quarantined for o in replaced)} in quarantine")
+    return 1 if missed else 0
 
 
 # ------------------------------------------------------------ entry point
@@ -276,6 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     maintain = sub.add_parser("maintain", help="compact, checkpoint, clean the log and vacuum a pipeline's tables now")
     maintain.add_argument("pipeline", nargs="?", default="all")
     maintain.set_defaults(func=cmd_maintain)
+    batches = sub.add_parser("batches", help="the batch ledger: ranges, counts, trigger, versions, run id per batch")
+    batches.add_argument("pipeline")
+    batches.add_argument("--partition", default=None, help="only this ingestion-time partition, e.g. 2026-11-27")
+    batches.add_argument("--replays", action="store_true", help="also list replays and backfills")
+    batches.add_argument("--limit", type=int, default=50, help="the last N batches (default 50)")
+    batches.set_defaults(func=cmd_batches)
+
+    replay = sub.add_parser("replay", help="re-ingest committed batches in a range with the current schema")
+    replay.add_argument("pipeline")
+    replay.add_argument("--from", dest="from_", required=True, help="first offset/sequence, or an ISO-8601 time (UTC)")
+    replay.add_argument("--to", required=True, help="last offset/sequence, or an ISO-8601 time (UTC), inclusive")
+    replay.add_argument("--partition", type=int, default=None, help="only this source partition (Kafka)")
+    replay.set_defaults(func=cmd_replay)
 
     validate = sub.add_parser("validate", help="check the pipelines file")
     validate.set_defaults(func=cmd_validate)

@@ -263,6 +263,30 @@ class TriggerSpec(_Strict):
 class ChecksSpec(_Strict):
     max_quarantine_share: float = Field(default=0.05, ge=0, le=1)
     max_lag_messages: int = Field(default=1_000_000, ge=0)
+    # Dagster freshness policy: the target table should have been materialized within this many minutes
+    # (Dagster cannot go below 1 minute; sub-minute freshness is reported as `lag` metadata instead).
+    freshness_minutes: int | None = Field(default=None, ge=1)
+
+
+class PartitionsSpec(_Strict):
+    """Ingestion-time partitions (UTC) of the pipeline's assets: each batch belongs to the partition of the
+    time it was planned, and a backfill of a partition replays exactly those batches."""
+
+    granularity: Literal["daily", "hourly"] = "daily"
+    start: str = Field(default="2026-01-01", description="first partition, YYYY-MM-DD (hourly: YYYY-MM-DD-HH:MM)")
+
+    @field_validator("start")
+    @classmethod
+    def _valid_start(cls, value: str) -> str:
+        from datetime import datetime
+
+        for fmt in ("%Y-%m-%d", "%Y-%m-%d-%H:%M"):
+            try:
+                datetime.strptime(value, fmt)
+                return value
+            except ValueError:
+                continue
+        raise ValueError(f"'{value}' is not a date like 2026-01-01 (hourly: 2026-01-01-00:00)")
 
 
 class MaintenanceSpec(_Strict):
@@ -302,6 +326,9 @@ class PipelineSpec(_Strict):
     trigger: TriggerSpec = Field(default_factory=TriggerSpec)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
     maintenance: MaintenanceSpec = Field(default_factory=MaintenanceSpec)
+    partitions: PartitionsSpec = Field(default_factory=PartitionsSpec)
+    # The batch ledger (a Delta table): every committed batch's ranges, trigger, versions and run id.
+    ledger_table: str | None = None
     # Keep the payload bytes in the target's `_raw` column. Default: on where the broker cannot replay
     # (MQTT, NATS work-queue/interest streams), so backfills re-read the lake instead.
     keep_raw: bool | None = None
@@ -340,6 +367,9 @@ class PipelineSpec(_Strict):
 
     def quarantine_uri(self, lake_root: str | None = None) -> str:
         return resolve_table_uri(self.quarantine_table or f"{self.table}_quarantine", lake_root)
+
+    def ledger_uri(self, lake_root: str | None = None) -> str:
+        return resolve_table_uri(self.ledger_table or f"{self.table}_ledger", lake_root)
 
     @property
     def asset_key_path(self) -> list[str]:
@@ -555,7 +585,7 @@ def dump_pipelines(specs: list[PipelineSpec]) -> str:
 def _check_unique_tables(specs: dict[str, PipelineSpec], file: Path | None) -> None:
     seen: dict[str, str] = {}
     for spec in specs.values():
-        for uri in (spec.table_uri(), spec.quarantine_uri()):
+        for uri in (spec.table_uri(), spec.quarantine_uri(), spec.ledger_uri()):
             if uri in seen:
                 raise ConfigError(spec.name, "table", f"table '{uri}' is also used by pipeline '{seen[uri]}'",
                                   "give each pipeline its own table", file)

@@ -6,7 +6,8 @@ until a test removes it (at most `STALL_SECONDS`), so the test can act during th
 broker, start a second run — without timed sleeps. Unset, every point costs one dict lookup.
 
 Points: after_read, after_quarantine_commit, during_target_commit (the target's data files are written,
-its log entry is not: see `DeltaTableSink.append`), after_target_commit (before the broker ack), after_ack.
+its log entry is not: see `DeltaTableSink.append`), after_target_commit (before the broker ack), before_ledger
+(the target committed, its ledger row not yet), after_ack.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import signal
 import time
 from pathlib import Path
 
-POINTS = ("after_read", "after_quarantine_commit", "during_target_commit", "after_target_commit", "after_ack")
+POINTS = ("after_read", "after_quarantine_commit", "during_target_commit", "after_target_commit", "before_ledger",
+          "after_ack")
 STALL_SECONDS = 120.0
 
 

@@ -25,6 +25,8 @@ from ulid import ULID
 from ingest_defs.config import PipelineSpec
 from ingest_defs.decode import QUARANTINE_SCHEMA, ROW, decode_payloads, standard_columns
 from ingest_defs.faults import fault_point
+from ingest_defs.ledger import Ledger, PartitionStats, ledger_rows, partition_stats
+from ingest_defs.partitions import partition_key_at
 from ingest_defs.sink import ConcurrentBatchError, DeltaTableSink
 from ingest_defs.sources.base import Gap, PartitionRange, Plan, RawBatch, Source
 from ingest_defs.validation import validate
@@ -59,6 +61,9 @@ class BatchResult:
     safe_to_ack: bool = True  # False only when our commit failed (then the broker must keep the messages)
     stage_s: dict[str, float] = field(default_factory=dict)  # read, decode, write, ack: where the time goes
     reasons: Counter[str] = field(default_factory=Counter)
+    partition_key: str = ""  # the ingestion-time partition the batch belongs to
+    ingested_at: datetime | None = None  # `_ingested_at` of its rows
+    stats: dict[int, PartitionStats] = field(default_factory=dict)  # per source partition, for the ledger
 
     def summary(self, pipeline: str) -> str:
         ranges = ", ".join(f"p{r.partition}:{r.start}..{r.end}" for r in self.covered if r.count) or "-"
@@ -78,6 +83,7 @@ class BatchContext:
     trigger: str = "manual"
     mode: str = "live"
     log: Callable[[str], None] | None = None
+    partition_key: str | None = None  # the run's partition (None: the partition of each batch's plan time)
 
     def info(self, message: str) -> None:
         logger.info(message)
@@ -89,9 +95,10 @@ class BatchRunner:
     """Runs consecutive bounded batches of one pipeline (catch-up mode)."""
 
     def __init__(self, spec: PipelineSpec, source: Source, target: DeltaTableSink, quarantine: DeltaTableSink,
-                 ctx: BatchContext | None = None):
+                 ctx: BatchContext | None = None, ledger: Ledger | None = None):
         self.spec, self.source, self.target, self.quarantine = spec, source, target, quarantine
         self.ctx = ctx or BatchContext()
+        self.ledger = ledger
         self._identity: dict[str, str] | None = None
 
     def identity(self) -> dict[str, str]:
@@ -138,6 +145,7 @@ class BatchRunner:
         and acknowledgements stay strictly in order, and a read-ahead batch is thrown away unless the
         batch before it committed."""
         self.identity()
+        self.repair_ledger()
         budget = self.spec.batch.max_run_seconds if max_seconds is None else max_seconds
         started = time.monotonic()
         # Linger: once caught up, keep polling for new messages this long (an explicit batch count does not).
@@ -200,6 +208,14 @@ class BatchRunner:
                     self._finish(*inflight, results)
         return results
 
+    def repair_ledger(self) -> None:
+        """Record batches a crash left without their ledger row (committed to the target, not to the ledger)."""
+        if self.ledger is None:
+            return
+        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.uri)
+        if repaired:
+            self.ctx.info(f"{self.spec.name}: ledger rows rebuilt for batches {', '.join(repaired)}")
+
     def _versions_after(self, raw: RawBatch, plan: Plan) -> dict[str, int | None]:
         """Where each partition will stand once this batch commits (for planning the next one)."""
         versions: dict[str, int | None] = {}
@@ -235,7 +251,8 @@ class BatchRunner:
 
     def _read(self, plan: Plan) -> tuple[BatchResult, RawBatch]:
         result = BatchResult(batch_id=str(ULID()), planned=plan.ranges, started_at=time.time(),
-                             started_monotonic=time.monotonic(), gaps=plan.gaps)
+                             started_monotonic=time.monotonic(), gaps=plan.gaps,
+                             partition_key=self.ctx.partition_key or partition_key_at(self.spec))
         raw = self.source.read(plan, self.spec.batch.max_bytes)
         result.stage_s["read"] = time.monotonic() - result.started_monotonic
         fault_point("after_read")
@@ -279,19 +296,38 @@ class BatchRunner:
                 result.quarantine_version, result.rows_quarantined = committed.version, committed.rows
             fault_point("after_quarantine_commit")
             txns = {r.app_id: _max(r.end, fresh_target.get(r.app_id)) for r in raw.covered if r.count}
+            if result.quarantine_version is not None:
+                meta["ingest.quarantine_version"] = str(result.quarantine_version)
             committed = self.target.append(good, txns, meta)
             result.target_version, result.rows_written = committed.version, committed.rows
         except ConcurrentBatchError:
             result.skipped = "another writer committed the same ranges first; re-planning"
             result.safe_to_ack = False  # our commit did not land: the broker must keep these messages
             return result
+        fault_point("before_ledger")
+        self._record(result, raw)
         result.stage_s["write"] = time.monotonic() - t1
         return result
 
-    def _rows(self, raw: RawBatch, result: BatchResult) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def _record(self, result: BatchResult, raw: RawBatch) -> None:
+        """The batch's ledger row(s), after the target commit (a crash before this is repaired next run)."""
+        if self.ledger is None:
+            return
+        self.ledger.append(ledger_rows(
+            pipeline=self.spec.name, batch_id=result.batch_id, partition_key=result.partition_key, mode="live",
+            status="committed", trigger=self.ctx.trigger, run_id=self.ctx.run_id, generation=None,
+            covered=raw.covered, stats=result.stats, rows_written=result.rows_written,
+            rows_quarantined=result.rows_quarantined, target_version=result.target_version,
+            quarantine_version=result.quarantine_version, ingested_at=result.ingested_at),
+            target_version=result.target_version)
+
+    def _rows(self, raw: RawBatch, result: BatchResult,
+              ingested_at: datetime | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Decode and validate: (rows for the target, rows for the quarantine)."""
-        batch_ts = datetime.now(UTC)
-        std = standard_columns(raw, self.source.kind, result.batch_id, batch_ts)
+        batch_ts = ingested_at or datetime.now(UTC)
+        result.ingested_at = batch_ts
+        std = standard_columns(raw, self.spec.source.kind, result.batch_id, batch_ts)
+        result.stats = partition_stats(std)
         decoded = decode_payloads(raw.payloads, self.spec.payload_schema, self.spec.schema_.strict)
         rows = decoded.rows
         std_good = std if not decoded.failures else std.join(rows.select(ROW), on=ROW, how="semi")
@@ -356,6 +392,8 @@ class BatchRunner:
             "ingest.trigger": self.ctx.trigger,
             "ingest.mode": self.ctx.mode,
             "ingest.ranges": json.dumps([r.as_dict() for r in raw.covered]),
+            "ingest.partition_key": result.partition_key,
+            "ingest.ingested_at": result.ingested_at.isoformat() if result.ingested_at else None,
         }
 
 

@@ -150,6 +150,34 @@ class DeltaTableSink:
             pq.write_table(frame.to_arrow(), f"{self.uri}/part-00000-{uuid.uuid4()}-c000.snappy.parquet")
         faults.fault_point("during_target_commit")
 
+    def replace(self, frame: pl.DataFrame, predicate: str, txns: dict[str, int], metadata: dict[str, Any],
+                attempts: int = 5) -> Committed:
+        """Replace the rows matching `predicate` with `frame`, in one commit (a backfill or replay).
+
+        `txns` must never hold a live app id (that would move the live position): replays carry
+        `backfill/...` ids. A concurrent live append adds rows outside the predicate (higher offsets, another
+        `_batch_id`), so both commits stand; a conflict delta-rs does detect is retried on a fresh snapshot
+        (the replace is idempotent)."""
+        commit = CommitProperties(
+            app_transactions=[Transaction(app_id, version) for app_id, version in txns.items()],
+            custom_metadata={k: v for k, v in metadata.items() if v is not None},
+        )
+        for attempt in range(attempts):
+            table = self.table(refresh=True)
+            if table is None:
+                raise SinkError(f"pipeline '{self.pipeline}': {self.role} table {self.uri} does not exist")
+            self._check_schema_change(table, frame)
+            try:
+                write_deltalake(table, frame.to_arrow(), mode="overwrite", predicate=predicate, schema_mode="merge",
+                                commit_properties=commit)
+            except CommitFailedError:
+                if attempt == attempts - 1:
+                    raise
+                continue
+            table.update_incremental()
+            return Committed(table.version(), frame.height)
+        raise AssertionError("unreachable")
+
     def _check_schema_change(self, table: DeltaTable, frame: pl.DataFrame) -> None:
         existing = {f.name: f.type for f in table.schema().fields}
         incoming = Schema.from_arrow(frame.to_arrow().schema)

@@ -66,7 +66,7 @@ def test_maintenance_beside_live_batches_loses_and_doubles_nothing(lake, instanc
     def maintain() -> None:
         try:
             while not stop.is_set():
-                for uri in (spec.table_uri(), spec.quarantine_uri()):
+                for uri in (spec.table_uri(), spec.quarantine_uri(), spec.ledger_uri()):
                     reports.append(maintain_table(uri, spec.maintenance))
                 time.sleep(0.2)
         except BaseException as exc:  # reported below, with the rows check

@@ -9,13 +9,17 @@ No `from __future__ import annotations` here: Dagster reads the asset's config a
 
 import re
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
 
 from ingest_defs.config import PipelineSpec
 from ingest_defs.decode import STANDARD_SCHEMA
+from ingest_defs.ledger import Ledger
 from ingest_defs.lifecycle import BatchContext, BatchResult, BatchRunner, GapError
+from ingest_defs.partitions import partition_key_at, partitions_def
+from ingest_defs.replay import Replayer, ReplayOutcome
 from ingest_defs.security import redact
 from ingest_defs.sink import DeltaTableSink, SinkError
 from ingest_defs.sources.base import PartitionRange, SourceError
@@ -39,7 +43,23 @@ class IngestConfig(dg.Config):
     max_batches: int = 0  # 0: until caught up or the pipeline's batch.max_run_seconds is spent
     max_seconds: float | None = None
     trigger: str = "manual"
-    mode: str = "live"
+    # live | replay | auto. auto: a `dagster/backfill` run or a past partition is a replay (it re-ingests
+    # that partition's batches from their stored ranges); otherwise live. Sensors, schedules and
+    # `ingest run` say live explicitly, so a run planned just before midnight stays live.
+    mode: str = "auto"
+
+
+def run_mode(config_mode: str, tags: dict[str, str], partition_keys: list[str], current_key: str) -> str:
+    """live or replay, for a run of an ingestion job (see IngestConfig.mode)."""
+    if config_mode in ("live", "replay"):
+        return config_mode
+    if config_mode != "auto":
+        raise dg.Failure(description=f"unknown mode '{config_mode}': use live, replay or auto")
+    if "dagster/backfill" in tags:
+        return "replay"
+    if partition_keys and (len(partition_keys) > 1 or partition_keys[0] != current_key):
+        return "replay"
+    return "live"
 
 
 def op_name(spec: PipelineSpec) -> str:
@@ -83,6 +103,16 @@ def source_asset_spec(spec: PipelineSpec) -> dg.AssetSpec:
     return dg.AssetSpec(source_asset_key(spec), description=what, group_name=BROKER_GROUP, kinds={src.kind})
 
 
+def freshness_policy(spec: PipelineSpec) -> Any:
+    """`checks.freshness_minutes`: the target should have materialized within that window (warn at half).
+    Dagster cannot go below one minute; sub-minute freshness shows as the `lag` metadata and check."""
+    minutes = spec.checks.freshness_minutes
+    if minutes is None:
+        return None
+    window = timedelta(minutes=minutes)
+    return dg.FreshnessPolicy.time_window(fail_window=window, warn_window=window / 2 if minutes >= 2 else None)
+
+
 def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
     kind = spec.source.kind
     tkey, qkey = target_key(spec), quarantine_key(spec)
@@ -96,7 +126,9 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         specs=[
             dg.AssetSpec(tkey, deps=[source_asset_key(spec)], group_name=INGESTION_GROUP, kinds={"delta", kind},
                          description=spec.description or f"{spec.name}: rows that passed validation",
-                         metadata={**table_meta, "dagster/column_schema": dg.TableSchema(columns)}),
+                         metadata={**table_meta, "dagster/column_schema": dg.TableSchema(columns),
+                                   "ledger_uri": dg.MetadataValue.path(spec.ledger_uri())},
+                         freshness_policy=freshness_policy(spec)),
             dg.AssetSpec(qkey, deps=[source_asset_key(spec)], group_name=INGESTION_GROUP, kinds={"delta"},
                          skippable=True, description=f"{spec.name}: messages that failed decoding or validation",
                          metadata={"pipeline": spec.name, "table_uri": dg.MetadataValue.path(spec.quarantine_uri())}),
@@ -110,14 +142,40 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         required_resource_keys={kind},
         pool=pool_name(spec),
         op_tags={"ingest/pipeline": spec.name},
+        partitions_def=partitions_def(spec),
+        # A backfill of many partitions is one run (and `dagster asset materialize --partition-range` works).
+        backfill_policy=dg.BackfillPolicy.single_run(),
     )
     def _ingest(context: dg.AssetExecutionContext, config: IngestConfig):
+        keys = list(context.partition_keys) if context.has_partition_key or context.has_partition_key_range else []
+        tags = dict(context.run.tags)
+        mode = run_mode(config.mode, tags, keys, partition_key_at(spec))
         source = getattr(context.resources, kind).source_for(spec)
+        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
+        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
+        ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
+        if mode == "replay":
+            generation = tags.get("dagster/backfill") or context.run.run_id
+            ctx = BatchContext(run_id=context.run.run_id, trigger="backfill" if "dagster/backfill" in tags else config.trigger,
+                               mode="replay", log=context.log.info)
+            replayer = Replayer(spec, source, target, quarantine, ledger, ctx, generation)
+            try:
+                outcomes = replayer.replay(replayer.batches_for_partitions(keys or [partition_key_at(spec)]))
+                lag = live_lag(source, target)
+            except (SourceError, SinkError, FrameValidationError) as exc:
+                raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
+            finally:
+                source.close()
+            for o in outcomes:
+                if o.status == "not replayed":
+                    context.log.warning(f"{spec.name}: {o.describe()}")
+            yield from report_replay(spec, keys, generation, outcomes, lag)
+            return
         runner = BatchRunner(
-            spec, source,
-            DeltaTableSink(spec.table_uri(), spec.name, "target"),
-            DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"),
-            BatchContext(run_id=context.run.run_id, trigger=config.trigger, mode=config.mode, log=context.log.info),
+            spec, source, target, quarantine,
+            BatchContext(run_id=context.run.run_id, trigger=config.trigger, mode="live", log=context.log.info,
+                         partition_key=keys[0] if keys else None),
+            ledger=ledger,
         )
         requested = [PartitionRange(r.app_id, r.partition, r.start, r.end) for r in config.ranges] or None
         try:
@@ -186,6 +244,68 @@ def report(spec: PipelineSpec, results: list[BatchResult]) -> Any:
     yield dg.AssetCheckResult(
         check_name="lag", asset_key=tkey, passed=lag <= spec.checks.max_lag_messages,
         severity=dg.AssetCheckSeverity.WARN, metadata={"lag": lag, "max_lag_messages": spec.checks.max_lag_messages})
+
+
+def live_lag(source: Any, target: DeltaTableSink) -> int | None:
+    """Messages the broker holds beyond the live position (None where the broker cannot say: MQTT)."""
+    parts = source.state()
+    if any(p.last is None and p.first is None for p in parts) and source.kind == "mqtt":
+        return None
+    versions = target.versions([p.app_id for p in parts])
+    lag = 0
+    for p in parts:
+        if p.last is not None:
+            v = versions.get(p.app_id)
+            lag += max(0, p.last - ((p.first - 1) if v is None else v))
+    return lag
+
+
+def report_replay(spec: PipelineSpec, keys: list[str], generation: str, outcomes: list[ReplayOutcome],
+                  lag: int | None) -> Any:
+    """Materializations and checks of a replay (backfill) run."""
+    tkey, qkey = target_key(spec), quarantine_key(spec)
+    done = [o for o in outcomes if o.status == "replaced"]
+    missed = [o for o in outcomes if o.status == "not replayed"]
+    written = sum(o.rows_written for o in done)
+    quarantined = sum(o.rows_quarantined for o in done)
+    messages = sum(o.messages for o in done)
+    versions = [o.target_version for o in done if o.target_version is not None]
+    metadata: dict[str, Any] = {
+        "mode": "replay",
+        "partitions": dg.MetadataValue.json(keys),
+        "generation": generation,
+        "batches": len(outcomes),
+        "batches_replaced": len(done),
+        "batches_not_replayed": len(missed),
+        "ranges": dg.MetadataValue.json([{**r.as_dict(), "batch_id": o.batch_id} for o in done for r in o.ranges]),
+        "messages": messages,
+        "rows_written": written,
+        "rows_quarantined": quarantined,
+        "delta_version": versions[-1] if versions else None,
+        "lag": lag,  # of the live path, measured after the replay
+        "dagster/row_count": written,
+    }
+    if missed:
+        metadata["not_replayed"] = dg.MetadataValue.json([{"batch_id": o.batch_id, "reason": o.reason} for o in missed])
+    yield dg.MaterializeResult(asset_key=tkey, metadata={k: v for k, v in metadata.items() if v is not None})
+    qversions = [o.quarantine_version for o in done if o.quarantine_version is not None]
+    if done:
+        reasons: Counter[str] = Counter()
+        for o in done:
+            reasons.update(o.reasons)
+        yield dg.MaterializeResult(asset_key=qkey, metadata={
+            "mode": "replay", "rows_quarantined": quarantined, "reasons": dg.MetadataValue.json(dict(reasons)),
+            "delta_version": qversions[-1] if qversions else None, "dagster/row_count": quarantined})
+    share = quarantined / messages if messages else 0.0
+    yield dg.AssetCheckResult(
+        check_name="quarantine_share", asset_key=tkey, passed=share <= spec.checks.max_quarantine_share,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"share": round(share, 6), "quarantined": quarantined, "messages": messages, "mode": "replay"})
+    yield dg.AssetCheckResult(
+        check_name="lag", asset_key=tkey, passed=lag is None or lag <= spec.checks.max_lag_messages,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"lag": lag if lag is not None else "unknown (MQTT: measured by live runs)",
+                  "max_lag_messages": spec.checks.max_lag_messages})
 
 
 def _merged_ranges(results: list[BatchResult]) -> list[dict[str, Any]]:

@@ -20,8 +20,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.progress import Progress
 
+from ingest_defs.bench.common import batch_runner
 from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
-from ingest_defs.lifecycle import BatchContext, BatchRunner
 from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
 from ingest_defs.sink import DeltaTableSink
 
@@ -105,8 +105,7 @@ def bench_kafka(messages: int, partitions: int, batch: int) -> dict[str, Any]:
 def _path(spec: Any, messages: int) -> tuple[float, list[Any]]:
     """Our batch path in this process: seconds from the first plan to the last ack, and the batches."""
     source = source_for(spec)
-    runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                         DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), BatchContext(trigger="bench"))
+    runner = batch_runner(spec, source)
     runner.identity()
     start = time.perf_counter()
     results = runner.run()

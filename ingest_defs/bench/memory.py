@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ingest_defs.bench.common import batch_runner
 from ingest_defs.bench.kafka import SCHEMA, _produce
 from ingest_defs.config import REPO_ROOT, parse_pipeline
 
@@ -35,14 +36,11 @@ def _spec(topic: str, table: str, batch: int) -> Any:
 
 def drain(topic: str, table: str, batch: int) -> dict[str, Any]:
     """In the child: drain the whole backlog in one catch-up run and report memory."""
-    from ingest_defs.lifecycle import BatchContext, BatchRunner
     from ingest_defs.resources.brokers import source_for
-    from ingest_defs.sink import DeltaTableSink
 
     spec = _spec(topic, table, batch)
     source = source_for(spec)
-    runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                         DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), BatchContext(trigger="bench"))
+    runner = batch_runner(spec, source)
     runner.identity()
     runner.plan()  # connection, metadata and table checks done: this is the idle baseline
     baseline_kb = _status_kb("VmRSS")

@@ -22,11 +22,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from rich.progress import Progress
 
+from ingest_defs.bench.common import batch_runner
 from ingest_defs.bench.kafka import SCHEMA, _payload
 from ingest_defs.config import parse_pipeline
-from ingest_defs.lifecycle import BatchContext, BatchRunner
 from ingest_defs.resources.brokers import source_for
-from ingest_defs.sink import DeltaTableSink
 
 CHUNK = 10_000
 SESSION_EXPIRY = 3600
@@ -125,9 +124,7 @@ def bench_mqtt(messages: int = 200_000, batch: int = 50_000) -> dict[str, Any]:
                 source.publish([_payload(i) for i in range(lo, hi)])
                 progress.update(task, completed=hi)
         bare_rate = bare.drain(messages)
-        runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                             DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"),
-                             BatchContext(trigger="bench"))
+        runner = batch_runner(spec, source)
         runner.identity()
         start = time.monotonic()
         results = runner.run()

@@ -23,11 +23,10 @@ import nats
 from nats.js import api
 from rich.progress import Progress
 
+from ingest_defs.bench.common import batch_runner
 from ingest_defs.bench.kafka import SCHEMA, _payload, _via_dagster_runs
 from ingest_defs.config import parse_pipeline
-from ingest_defs.lifecycle import BatchContext, BatchRunner
 from ingest_defs.resources.brokers import DEFAULT_NATS, source_for
-from ingest_defs.sink import DeltaTableSink
 
 NATS_URL = os.environ.get("NATS_URL", DEFAULT_NATS)
 CHUNK = 10_000
@@ -107,8 +106,7 @@ def _bare(stream: str, subject: str, messages: int) -> dict[str, float]:
 
 def _path(spec: Any, messages: int) -> tuple[float, int, float]:
     source = source_for(spec)
-    runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                         DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), BatchContext(trigger="bench"))
+    runner = batch_runner(spec, source)
     runner.identity()
     start = time.monotonic()
     results = runner.run()

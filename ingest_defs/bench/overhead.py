@@ -18,9 +18,9 @@ from typing import Any
 from confluent_kafka import Producer
 from rich.progress import Progress
 
+from ingest_defs.bench.common import batch_runner
 from ingest_defs.bench.kafka import BOOTSTRAP, SCHEMA, _payload
 from ingest_defs.config import parse_pipeline
-from ingest_defs.lifecycle import BatchContext, BatchRunner
 from ingest_defs.maintenance import maintain_table
 from ingest_defs.resources.brokers import source_for
 from ingest_defs.sink import DeltaTableSink
@@ -50,9 +50,7 @@ def _one_mode(batches: int, per_batch: int, maintenance: bool, every: int) -> di
                 producer.produce(spec.source.kafka.topic, _payload(i * per_batch + j))
             producer.flush(30)
             started = time.perf_counter()
-            runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                                 DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"),
-                                 BatchContext(trigger="bench"))
+            runner = batch_runner(spec, source)
             results = runner.run(max_batches=1)
             times.append(time.perf_counter() - started)
             assert sum(r.rows_written for r in results) == per_batch, "a batch landed short"

@@ -1,4 +1,5 @@
-"""Per-pipeline table maintenance as a Dagster job (one op per table) on the pipeline's cron schedule.
+"""Per-pipeline table maintenance as a Dagster job (one op per table: target, quarantine, batch ledger) on
+the pipeline's cron schedule.
 
 Each op records an AssetObservation on its table's asset, so files and bytes before and after show in
 the asset's page next to the ingestion materializations. The job takes no pool: it runs beside live
@@ -17,14 +18,14 @@ def maintenance_job_name(spec: PipelineSpec) -> str:
     return f"{spec.name}_maintenance"
 
 
-def _maintenance_op(spec: PipelineSpec, role: str, uri: str, asset_key: dg.AssetKey) -> dg.OpDefinition:
+def _maintenance_op(spec: PipelineSpec, role: str, uri: str, asset_key: dg.AssetKey | None) -> dg.OpDefinition:
     @dg.op(name=f"{spec.name}_maintain_{role}", description=f"Compact, checkpoint, clean the log and vacuum {uri}",
            tags={"ingest/table": role})
     def maintain(context: dg.OpExecutionContext) -> None:
         report = maintain_table(uri, spec.maintenance)
         metadata = report.metadata()
         context.log.info(f"{spec.name} {role}: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
-        if report.before is not None:
+        if report.before is not None and asset_key is not None:  # the ledger is not an asset: logs only
             context.log_event(dg.AssetObservation(asset_key=asset_key, metadata={
                 **metadata, "table": dg.MetadataValue.path(uri), "operation": "maintenance"}))
 
@@ -33,12 +34,13 @@ def _maintenance_op(spec: PipelineSpec, role: str, uri: str, asset_key: dg.Asset
 
 def build_maintenance_job(spec: PipelineSpec) -> dg.JobDefinition:
     tables = {"target": (spec.table_uri(), target_key(spec)),
-              "quarantine": (spec.quarantine_uri(), quarantine_key(spec))}
+              "quarantine": (spec.quarantine_uri(), quarantine_key(spec)),
+              "ledger": (spec.ledger_uri(), None)}
     ops = [_maintenance_op(spec, role, uri, key) for role, (uri, key) in tables.items()]
 
     @dg.job(name=maintenance_job_name(spec), executor_def=dg.in_process_executor,
             tags={"ingest/maintenance": spec.name},
-            description=f"Table maintenance of pipeline {spec.name} (target and quarantine tables)")
+            description=f"Table maintenance of pipeline {spec.name} (target, quarantine and ledger tables)")
     def maintenance() -> None:
         for op in ops:
             op()

@@ -13,6 +13,7 @@ import dagster as dg
 from ingest_defs.assets.ingestion import job_name, op_name
 from ingest_defs.config import PipelineSpec
 from ingest_defs.lifecycle import BatchRunner
+from ingest_defs.partitions import partition_key_at
 from ingest_defs.sink import DeltaTableSink
 
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -48,7 +49,10 @@ def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, so
     ranges = [r.as_dict() for r in plan.ranges]
     return dg.RunRequest(
         run_key=run_key,
-        run_config={"ops": {op_name(spec): {"config": {"ranges": ranges, "trigger": trigger}}}},
+        # live runs target the current ingestion-time partition; mode says live explicitly so a run that
+        # starts after midnight is not taken for a replay of yesterday
+        partition_key=partition_key_at(spec),
+        run_config={"ops": {op_name(spec): {"config": {"ranges": ranges, "trigger": trigger, "mode": "live"}}}},
         tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger, "ingest/plan": start_sig,
               "ingest/plan_generation": str(generation), "ingest/planned_messages": str(plan.total)},
     )
@@ -78,13 +82,28 @@ def build_ingestion_sensor(spec: PipelineSpec, job: dg.UnresolvedAssetJobDefinit
 
 
 def build_ingestion_schedule(spec: PipelineSpec, job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+    """Scheduled micro-batches: each tick asks for one live run of the current partition (the run plans from
+    Delta itself). A tick while a run of the pipeline is in progress is skipped; the pool serialises the rest."""
     assert spec.trigger.schedule is not None
-    return dg.ScheduleDefinition(
+
+    @dg.schedule(
         name=f"{spec.name}_schedule",
         job=job,
         cron_schedule=spec.trigger.schedule,
-        run_config={"ops": {op_name(spec): {"config": {"trigger": "schedule"}}}},
-        tags={"ingest/pipeline": spec.name, "ingest/trigger": "schedule"},
         default_status=dg.DefaultScheduleStatus.RUNNING,
         execution_timezone="UTC",
+        description=f"Scheduled bounded micro-batches of {spec.name} ({spec.trigger.schedule}, UTC).",
     )
+    def _schedule(context: dg.ScheduleEvaluationContext):
+        active = context.instance.get_runs(
+            filters=dg.RunsFilter(job_name=job_name(spec), statuses=IN_PROGRESS), limit=1)
+        if active:
+            return dg.SkipReason(f"{spec.name}: run {active[0].run_id} is still in progress")
+        when = context.scheduled_execution_time
+        return dg.RunRequest(
+            partition_key=partition_key_at(spec, when),
+            run_config={"ops": {op_name(spec): {"config": {"trigger": "schedule", "mode": "live"}}}},
+            tags={"ingest/pipeline": spec.name, "ingest/trigger": "schedule"},
+        )
+
+    return _schedule

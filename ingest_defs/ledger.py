@@ -1,0 +1,254 @@
+"""The batch ledger: one Delta table per pipeline (`<table>_ledger` next to the target) with one row per
+source partition of every committed batch — its exact range, message count, first/last offset and broker
+timestamp, trigger, mode, ingestion-time partition, Delta versions and Dagster run id.
+
+Backfills find a partition's batches here (commit metadata is not in checkpoints and log cleanup removes
+it, so it cannot be the record). Replays add rows with `mode = replay` and the same batch id.
+
+When it is written: after the target commit, before the broker acknowledgement, in a commit of its own
+carrying `Transaction("{pipeline}/ledger", target version)`. A crash between the target commit and the
+ledger commit leaves a batch without its row; `repair()` (run at the start of every live run and every
+replay) finds target commits newer than the ledger's recorded version that carry a live `ingest.batch_id`
+and no ledger row, and rebuilds the row from the commit's metadata (ranges, trigger, run id) and the rows
+holding that `_batch_id` in target and quarantine (count, first/last offset and timestamp). The next plan
+runs right after, so the commit metadata it needs is always still in the log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from ingest_defs.sources.base import PartitionRange
+
+TS = pl.Datetime("us", "UTC")
+LEDGER_SCHEMA: dict[str, pl.DataType] = {
+    "pipeline": pl.String(),
+    "batch_id": pl.String(),
+    "partition_key": pl.String(),  # the ingestion-time partition (UTC) the batch belongs to
+    "mode": pl.String(),  # live | replay
+    "status": pl.String(),  # committed | not replayed: <why>
+    "trigger": pl.String(),
+    "run_id": pl.String(),
+    "generation": pl.String(),  # replays: the backfill generation (Dagster backfill id or replay id)
+    "app_id": pl.String(),
+    "source_partition": pl.Int32(),
+    "range_start": pl.Int64(),  # inclusive covered range (may hold offsets without messages)
+    "range_end": pl.Int64(),
+    "count": pl.Int64(),  # messages read in the range
+    "first_offset": pl.Int64(),
+    "last_offset": pl.Int64(),
+    "first_timestamp": TS,  # broker timestamps (Kafka record time, JetStream stored time, MQTT receive time)
+    "last_timestamp": TS,
+    "rows_written": pl.Int64(),  # whole batch (all source partitions)
+    "rows_quarantined": pl.Int64(),
+    "target_version": pl.Int64(),
+    "quarantine_version": pl.Int64(),
+    "ingested_at": TS,  # `_ingested_at` of the batch's rows (replays keep it)
+    "committed_at": TS,
+}
+
+
+@dataclass(frozen=True)
+class PartitionStats:
+    """What one batch read from one source partition."""
+
+    count: int
+    first_offset: int | None
+    last_offset: int | None
+    first_ts: datetime | None
+    last_ts: datetime | None
+
+
+@dataclass
+class LedgerBatch:
+    """One committed live batch, as a backfill sees it."""
+
+    batch_id: str
+    partition_key: str
+    ranges: list[PartitionRange]
+    stats: dict[str, PartitionStats]  # by app id
+    ingested_at: datetime | None
+    target_version: int
+    run_id: str = ""
+    trigger: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def messages(self) -> int:
+        return sum(s.count for s in self.stats.values())
+
+
+def partition_stats(frame: pl.DataFrame) -> dict[int, PartitionStats]:
+    """Per source partition of a frame with `_partition`, `_offset`, `_timestamp` columns."""
+    if frame.height == 0:
+        return {}
+    agg = frame.group_by("_partition").agg(
+        pl.len().alias("count"), pl.col("_offset").min().alias("first"), pl.col("_offset").max().alias("last"),
+        pl.col("_timestamp").min().alias("first_ts"), pl.col("_timestamp").max().alias("last_ts"))
+    return {row["_partition"]: PartitionStats(row["count"], row["first"], row["last"], row["first_ts"], row["last_ts"])
+            for row in agg.iter_rows(named=True)}
+
+
+class Ledger:
+    """The ledger table of one pipeline."""
+
+    def __init__(self, uri: str, pipeline: str, storage_options: dict[str, str] | None = None,
+                 partition_of: Callable[[datetime], str] | None = None):
+        self.uri, self.pipeline, self.storage_options = uri, pipeline, storage_options
+        # the partition of a commit time, for commits made before the ledger existed (no partition in metadata)
+        self.partition_of = partition_of
+        self.app_id = f"{pipeline}/ledger"
+        self._table: DeltaTable | None = None
+
+    def table(self) -> DeltaTable | None:
+        """The ledger table at its latest version (opened once, then refreshed incrementally)."""
+        if self._table is None:
+            try:
+                self._table = DeltaTable(self.uri, storage_options=self.storage_options)
+            except TableNotFoundError:
+                return None
+        else:
+            self._table.update_incremental()
+        return self._table
+
+    def recorded_target_version(self) -> int | None:
+        table = self.table()
+        return None if table is None else table.transaction_version(self.app_id)
+
+    # ------------------------------------------------------------ writing
+    def append(self, rows: list[dict[str, Any]], target_version: int | None = None) -> None:
+        """One commit; a live batch's commit also records the target version it covers (for repair)."""
+        if not rows:
+            return
+        frame = pl.DataFrame(rows, schema=LEDGER_SCHEMA)
+        txns = []
+        if target_version is not None:
+            stored = self.recorded_target_version()
+            txns.append(Transaction(self.app_id, target_version if stored is None else max(stored, target_version)))
+        props = CommitProperties(app_transactions=txns or None, custom_metadata={"ingest.pipeline": self.pipeline})
+        for attempt in range(5):  # a concurrent replay's ledger append may win the race; appends never conflict on data
+            try:
+                table = self.table()
+                write_deltalake(table if table is not None else self.uri, frame.to_arrow(), mode="append",
+                                commit_properties=props, storage_options=None if table is not None else self.storage_options)
+                return
+            except CommitFailedError:
+                if attempt == 4:
+                    raise
+
+    # ------------------------------------------------------------ reading
+    def frame(self, filters: pl.Expr | None = None) -> pl.DataFrame:
+        if self.table() is None:
+            return pl.DataFrame(schema=LEDGER_SCHEMA)
+        scan = pl.scan_delta(self.uri, storage_options=self.storage_options)
+        if filters is not None:
+            scan = scan.filter(filters)
+        return scan.collect()
+
+    def live_batches(self, filters: pl.Expr | None = None) -> list[LedgerBatch]:
+        """Committed live batches (optionally filtered), oldest first."""
+        expr = (pl.col("mode") == "live") & (pl.col("status") == "committed")
+        return batches_from_rows(self.frame(expr if filters is None else expr & filters))
+
+    # ------------------------------------------------------------ repair
+    def repair(self, target: DeltaTable | None, quarantine_uri: str, max_commits: int = 1000) -> list[str]:
+        """Record live batches the target committed but the ledger missed (a crash between the two commits)."""
+        if target is None:
+            return []
+        recorded = self.recorded_target_version()
+        current = target.version()
+        low = -1 if recorded is None else recorded
+        if current <= low:
+            return []
+        commits = [c for c in target.history(min(current - low, max_commits))
+                   if c.get("version", -1) > low and c.get("ingest.batch_id") and c.get("ingest.mode") == "live"]
+        if not commits:
+            return []
+        ids = [c["ingest.batch_id"] for c in commits]
+        known = set(self.frame(pl.col("batch_id").is_in(ids) & (pl.col("mode") == "live"))["batch_id"].to_list())
+        missing = [c for c in commits if c["ingest.batch_id"] not in known]
+        if not missing:
+            return []
+        stats = self._stats_of([c["ingest.batch_id"] for c in missing], target, quarantine_uri)
+        rows: list[dict[str, Any]] = []
+        for commit in sorted(missing, key=lambda c: c["version"]):
+            rows.extend(self._rebuild(commit, stats.get(commit["ingest.batch_id"], {})))
+        self.append(rows, target_version=max(c["version"] for c in missing))
+        return [c["ingest.batch_id"] for c in missing]
+
+    def _stats_of(self, batch_ids: list[str], target: DeltaTable,
+                  quarantine_uri: str) -> dict[str, dict[int, PartitionStats]]:
+        """Per batch and source partition, from the rows holding those batch ids (one scan per table)."""
+        cols = ["_batch_id", "_partition", "_offset", "_timestamp"]
+        uris = [target.table_uri]
+        if DeltaTable.is_deltatable(quarantine_uri, storage_options=self.storage_options):
+            uris.append(quarantine_uri)
+        rows = pl.concat([pl.scan_delta(uri, storage_options=self.storage_options)
+                          .filter(pl.col("_batch_id").is_in(batch_ids)).select(cols).collect() for uri in uris])
+        return {batch_id: partition_stats(group) for (batch_id,), group in rows.group_by("_batch_id")}
+
+    def _rebuild(self, commit: dict[str, Any], stats: dict[int, PartitionStats]) -> list[dict[str, Any]]:
+        ranges = [PartitionRange(**r) for r in json.loads(commit.get("ingest.ranges", "[]"))]
+        qv = commit.get("ingest.quarantine_version")
+        committed_at = datetime.fromtimestamp(commit["timestamp"] / 1000, UTC)
+        partition_key = commit.get("ingest.partition_key") or (self.partition_of(committed_at) if self.partition_of else "")
+        return ledger_rows(
+            pipeline=self.pipeline, batch_id=commit["ingest.batch_id"],
+            partition_key=partition_key, mode="live", status="committed",
+            trigger=commit.get("ingest.trigger") or "", run_id=commit.get("ingest.run_id") or "", generation=None,
+            covered=ranges, stats=stats, rows_written=None, rows_quarantined=None,
+            target_version=commit["version"], quarantine_version=int(qv) if qv else None,
+            ingested_at=_parse_ts(commit.get("ingest.ingested_at")), committed_at=committed_at)
+
+
+def ledger_rows(*, pipeline: str, batch_id: str, partition_key: str, mode: str, status: str, trigger: str,
+                run_id: str, generation: str | None, covered: Iterable[PartitionRange],
+                stats: dict[int, PartitionStats], rows_written: int | None, rows_quarantined: int | None,
+                target_version: int | None, quarantine_version: int | None, ingested_at: datetime | None,
+                committed_at: datetime | None = None) -> list[dict[str, Any]]:
+    """The ledger rows of one batch: one per source partition it covered."""
+    committed_at = committed_at or datetime.now(UTC)
+    out = []
+    for r in covered:
+        if r.count <= 0:
+            continue
+        s = stats.get(r.partition, PartitionStats(0, None, None, None, None))
+        out.append({
+            "pipeline": pipeline, "batch_id": batch_id, "partition_key": partition_key, "mode": mode,
+            "status": status, "trigger": trigger, "run_id": run_id, "generation": generation, "app_id": r.app_id,
+            "source_partition": r.partition, "range_start": r.start, "range_end": r.end, "count": s.count,
+            "first_offset": s.first_offset, "last_offset": s.last_offset, "first_timestamp": s.first_ts,
+            "last_timestamp": s.last_ts, "rows_written": rows_written, "rows_quarantined": rows_quarantined,
+            "target_version": target_version, "quarantine_version": quarantine_version,
+            "ingested_at": ingested_at, "committed_at": committed_at,
+        })
+    return out
+
+
+def batches_from_rows(frame: pl.DataFrame) -> list[LedgerBatch]:
+    batches: dict[str, LedgerBatch] = {}
+    for row in frame.sort("target_version", "batch_id", "source_partition").iter_rows(named=True):
+        batch = batches.get(row["batch_id"])
+        if batch is None:
+            batch = batches[row["batch_id"]] = LedgerBatch(
+                batch_id=row["batch_id"], partition_key=row["partition_key"], ranges=[], stats={},
+                ingested_at=row["ingested_at"], target_version=row["target_version"], run_id=row["run_id"] or "",
+                trigger=row["trigger"] or "")
+        r = PartitionRange(row["app_id"], row["source_partition"], row["range_start"], row["range_end"])
+        if r not in batch.ranges:
+            batch.ranges.append(r)
+            batch.stats[r.app_id] = PartitionStats(row["count"], row["first_offset"], row["last_offset"],
+                                                   row["first_timestamp"], row["last_timestamp"])
+    return list(batches.values())
+
+
+def _parse_ts(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
