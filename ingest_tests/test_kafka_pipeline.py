@@ -134,7 +134,8 @@ def test_sensor_requests_nothing_without_lag_and_one_run_per_range(lake, instanc
     from ingest_defs.resources.brokers import resources_from_env
 
     spec = kafka_spec(partitions=2)
-    sensor = build_definitions({spec.name: spec}).resolve_sensor_def(f"{spec.name}_sensor")
+    defs = build_definitions({spec.name: spec})
+    sensor = defs.resolve_sensor_def(f"{spec.name}_sensor")
     resources = resources_from_env()
     produce(spec, [])  # creates the topic
     with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
@@ -145,7 +146,7 @@ def test_sensor_requests_nothing_without_lag_and_one_run_per_range(lake, instanc
         cursor = ctx.cursor
     assert isinstance(first, dg.RunRequest)
     # the daemon's way in (evaluate_tick, resources from the context) asks for the same run
-    with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
+    with dg.build_sensor_context(instance=instance, resources=resources, definitions=defs) as ctx:
         tick = sensor.evaluate_tick(ctx)
     assert [r.run_key for r in tick.run_requests] == [first.run_key], tick.skip_message
     planned = first.run_config["ops"][f"ingest_{spec.name}"]["config"]["ranges"]
