@@ -336,6 +336,8 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     from ingest_defs.jobs.maintenance import maintenance_job_name
 
     specs = _load(None if args.pipeline == "all" else args.pipeline)
+    if args.pipeline != "all":
+        specs = {args.pipeline: specs[args.pipeline]}
     table = Table("pipeline", "table", "files before", "files after", "MB before", "MB after", "vacuumed files")
     status = 0
     with DagsterInstance.get() as instance:

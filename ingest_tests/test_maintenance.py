@@ -19,7 +19,14 @@ from ingest_defs.jobs.maintenance import maintenance_job_name
 from ingest_defs.maintenance import maintain_table
 from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
 from ingest_defs.samples import make_samples
-from ingest_tests.conftest import assert_exactly_once, failure_message, kafka_spec, materialization, run_job
+from ingest_tests.conftest import (
+    assert_exactly_once,
+    failure_message,
+    kafka_spec,
+    materialization,
+    run_job,
+    write_pipelines_file,
+)
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_KAFKA)
 DAY = 24 * 3600
@@ -152,3 +159,17 @@ def test_maintenance_of_a_table_not_created_yet_is_a_no_op(tmp_path: Path):
     report = maintain_table(str(tmp_path / "nothing"), MaintenanceSpec())
     assert report.before is None
     assert report.metadata()["skipped"] == "the table does not exist yet"
+
+
+def test_ingest_maintain_compacts_only_the_named_pipeline(lake, tmp_path: Path, monkeypatch):
+    from ingest_defs import cli
+
+    named, other = kafka_spec(), kafka_spec()
+    for spec in (named, other):
+        for i in range(5):
+            write_deltalake(spec.table_uri(), pl.DataFrame({"_offset": [i]}).to_arrow(), mode="append")
+    monkeypatch.setenv("INGEST_PIPELINES", str(write_pipelines_file(tmp_path / "p.yaml", [named, other])))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert cli.main(["maintain", named.name]) == 0
+    assert len(DeltaTable(named.table_uri()).file_uris()) == 1
+    assert len(DeltaTable(other.table_uri()).file_uris()) == 5
