@@ -10,12 +10,20 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pandera.polars as pa
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -250,6 +258,17 @@ class BatchSpec(_Strict):
     linger_seconds: float = Field(default=0.0, ge=0)
 
 
+def _cron(value: str) -> str:
+    from dagster._utils.schedules import is_valid_cron_string  # only when a schedule is given
+
+    if not is_valid_cron_string(value):
+        raise ValueError(f"'{value}' is not a cron expression (five fields, e.g. \"7 * * * *\")")
+    return value
+
+
+Cron = Annotated[str, AfterValidator(_cron)]  # trigger.schedule and maintenance.schedule
+
+
 class SensorTriggerSpec(_Strict):
     interval_seconds: int = Field(default=15, ge=1)
     enabled: bool = True
@@ -257,7 +276,7 @@ class SensorTriggerSpec(_Strict):
 
 class TriggerSpec(_Strict):
     sensor: SensorTriggerSpec | None = Field(default_factory=SensorTriggerSpec)
-    schedule: str | None = None
+    schedule: Cron | None = None
 
 
 class ChecksSpec(_Strict):
@@ -290,10 +309,10 @@ class PartitionsSpec(_Strict):
 
 
 class MaintenanceSpec(_Strict):
-    """Table maintenance of the pipeline's tables (target and quarantine), as a scheduled Dagster job."""
+    """Table maintenance of the pipeline's tables (target, quarantine, ledger), as a scheduled Dagster job."""
 
     enabled: bool = True
-    schedule: str = "7 * * * *"  # hourly: a 15 s sensor makes ~240 small files an hour
+    schedule: Cron = "7 * * * *"  # hourly: a 15 s sensor makes ~240 small files an hour
     target_file_size_mb: int = Field(default=128, ge=1, le=4096)
     # Time travel is kept this long: vacuum keeps files and log cleanup keeps commits younger than this.
     # At least an hour, so vacuum can never delete the files of a batch still being committed.
@@ -303,14 +322,6 @@ class MaintenanceSpec(_Strict):
     # table is small.
     checkpoint_interval: int = Field(default=10, ge=1, le=1000)
 
-    @field_validator("schedule")
-    @classmethod
-    def _valid_cron(cls, value: str) -> str:
-        from dagster._utils.schedules import is_valid_cron_string
-
-        if not is_valid_cron_string(value):
-            raise ValueError(f"'{value}' is not a cron expression (five fields, e.g. \"7 * * * *\")")
-        return value
 
 
 class PipelineSpec(_Strict):

@@ -10,7 +10,7 @@ Transaction versions (the pipelines' offsets) survive log cleanup because checkp
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from deltalake import CommitProperties, DeltaTable
@@ -63,9 +63,6 @@ class MaintenanceReport:
             **{f"seconds_{k}": round(v, 3) for k, v in self.seconds.items()},
         }
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def table_stats(table: DeltaTable) -> TableStats:
     sizes = table.get_add_actions(flatten=True).column("size_bytes").to_pylist()
@@ -79,14 +76,14 @@ def table_properties(settings: MaintenanceSpec) -> dict[str, str]:
             CHECKPOINT_INTERVAL_PROP: str(settings.checkpoint_interval)}
 
 
-def maintain_table(uri: str, settings: MaintenanceSpec, storage_options: dict[str, str] | None = None,
-                   *, vacuum_retention_hours: int | None = None) -> MaintenanceReport:
+def maintain_table(uri: str, settings: MaintenanceSpec, *,
+                   vacuum_retention_hours: int | None = None) -> MaintenanceReport:
     """Compact small files, write a checkpoint, clean up expired log entries, vacuum; report before/after.
 
     `vacuum_retention_hours` overrides the time-travel period for vacuum only (tests and one-off cleanups
     with no writer running); the pipelines file cannot set it below an hour."""
     try:
-        table = DeltaTable(uri, storage_options=storage_options)
+        table = DeltaTable(uri)
     except TableNotFoundError:
         return MaintenanceReport(uri, before=None)
     report = MaintenanceReport(uri, before=table_stats(table))

@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console as _Console
+from rich.console import Console
 from rich.table import Table
 
 from ingest_defs.bench.chart import draw
 from ingest_defs.config import lake_root
 
-
-def Console() -> _Console:  # noqa: N802 - wide tables even when the output is piped to a file
-    return _Console(width=max(_Console().width, 150))
+console = Console(width=max(Console().width, 150))  # wide tables even when the output goes to a file
 
 
 SECTIONS = ["throughput", "overhead", "memory", "freshness"]
@@ -55,7 +53,7 @@ def throughput(quick: bool) -> list[dict[str, Any]]:
         table.add_row(r["name"], f"{r['messages']:,}", f"{r['bare_rate']:,.0f}", f"{r['path_rate']:,.0f}",
                       f"{r['ratio']:.2f}", _fmt(target, ".1f"), _fmt(r.get("dagster_rate"), ",.0f"),
                       _fmt(r.get("ratio_b"), ".2f"))
-    Console().print(table)
+    console.print(table)
     return rows
 
 
@@ -71,7 +69,7 @@ def overhead(quick: bool) -> list[dict[str, Any]]:
                       f"{r['last100_median_ms']:.1f}", f"{r['last100_p95_ms']:.1f}",
                       f"{r['median_ratio_last_over_first']:.2f}", str(r["files_at_end"]),
                       _fmt(r["maintenance_pass_median_s"], ".2f"))
-    Console().print(table)
+    console.print(table)
     return rows
 
 
@@ -86,10 +84,10 @@ def memory(quick: bool) -> list[dict[str, Any]]:
         table.add_row(f"{r['backlog']:,}", str(r["batches"]), f"{r['baseline_mb']:.0f}", f"{r['peak_mb']:.0f}",
                       f"{r['above_baseline_mb']:.0f}", f"{r['payload_bytes_per_batch_mb']:.1f}",
                       f"{r['above_baseline_over_batch_bytes']:.1f}")
-    Console().print(table)
+    console.print(table)
     if len(rows) == 2:
         growth = rows[1]["peak_mb"] / rows[0]["peak_mb"] - 1
-        Console().print(f"peak RSS, {rows[1]['backlog']:,} vs {rows[0]['backlog']:,} backlog: {growth:+.1%}")
+        console.print(f"peak RSS, {rows[1]['backlog']:,} vs {rows[0]['backlog']:,} backlog: {growth:+.1%}")
     return rows
 
 
@@ -106,7 +104,7 @@ def freshness(quick: bool) -> list[dict[str, Any]]:
         table.add_row(r["pipeline"], str(r["pipelines_together"]), f"{r['linger_s']:g}", f"{r['published']:,}", f"{r['landed']:,}",
                       _fmt(r["p50_s"], ".1f"), _fmt(r["p95_s"], ".1f"), _fmt(r["max_s"], ".1f"), str(r["runs"]),
                       _fmt(r["run_queue_and_start_s_median"], ".1f"), _fmt(r["run_duration_s_median"], ".1f"))
-    Console().print(table)
+    console.print(table)
     return rows
 
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,7 +29,7 @@ from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
 from ingest_defs.resources.brokers import source_for
 
 SCHEMA = {"columns": {"id": {"dtype": "int64", "nullable": False}, "sent_at": {"dtype": "float64"}}}
-VENV_BIN = Path(os.sys.executable).parent
+VENV_BIN = Path(sys.executable).parent
 
 
 def _specs(which: list[str], ts: int, lake: Path, interval: int, linger: float) -> list[Any]:

@@ -7,7 +7,6 @@ A: in-run ratio, from the first broker read to the last ack. B: the same backlog
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,28 +19,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.progress import Progress
 
-from ingest_defs.bench.common import batch_runner
+from ingest_defs.bench.common import SCHEMA, batch_runner, payload
 from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
 from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
 from ingest_defs.sink import DeltaTableSink
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_KAFKA)
-SCHEMA = {"columns": {
-    "id": {"dtype": "int64", "nullable": False, "checks": {"ge": 0}},
-    "event": {"dtype": "string", "checks": {"isin": ["user_activity", "click"]}},
-    "value": {"dtype": "int64"},
-    "page": {"dtype": "string"},
-    "session": {"dtype": "string"},
-}}
-
-
-def _payload(i: int) -> bytes:
-    # ~150 bytes of JSON, like the messages
-    return json.dumps({"id": i, "event": "click" if i % 3 else "user_activity", "value": i % 1000,
-                       "page": f"/products/{i % 5000:05d}/details", "session": f"s-{i * 7919 % 10**12:012d}-abcdef"},
-                      separators=(",", ":")).encode()
-
-
 def _produce(topic: str, messages: int, partitions: int) -> None:
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})  # keep a reference until the future resolves
     admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
@@ -52,7 +35,7 @@ def _produce(topic: str, messages: int, partitions: int) -> None:
         for i in range(messages):
             while True:
                 try:
-                    producer.produce(topic, _payload(i), key=str(i).encode(), partition=i % partitions)
+                    producer.produce(topic, payload(i), key=str(i).encode(), partition=i % partitions)
                     break
                 except BufferError:
                     producer.poll(0.05)

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingest_defs.bench.common import batch_runner
-from ingest_defs.bench.kafka import SCHEMA, _produce
+from ingest_defs.bench.common import SCHEMA, batch_runner
+from ingest_defs.bench.kafka import _produce
 from ingest_defs.config import REPO_ROOT, parse_pipeline
 
 

@@ -20,14 +20,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from rich.progress import Progress
 
-from ingest_defs.bench.common import batch_runner
-from ingest_defs.bench.kafka import SCHEMA, _payload
+from ingest_defs.bench.common import SCHEMA, batch_runner, publish_in_chunks
 from ingest_defs.config import parse_pipeline
 from ingest_defs.resources.brokers import source_for
 
-CHUNK = 10_000
 SESSION_EXPIRY = 3600
 
 
@@ -117,12 +114,7 @@ def bench_mqtt(messages: int = 200_000, batch: int = 50_000) -> dict[str, Any]:
         # both sessions exist before the first publish, so both queue every message
         source.ensure_exists()
         bare.register()
-        with Progress() as progress:
-            task = progress.add_task(f"publishing {messages:,} to {topic_filter}", total=messages)
-            for lo in range(0, messages, CHUNK):
-                hi = min(messages, lo + CHUNK)
-                source.publish([_payload(i) for i in range(lo, hi)])
-                progress.update(task, completed=hi)
+        publish_in_chunks(source, topic_filter, messages)
         bare_rate = bare.drain(messages)
         runner = batch_runner(spec, source)
         runner.identity()

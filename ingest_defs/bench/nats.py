@@ -21,15 +21,13 @@ from typing import Any
 
 import nats
 from nats.js import api
-from rich.progress import Progress
 
-from ingest_defs.bench.common import batch_runner
-from ingest_defs.bench.kafka import SCHEMA, _payload, _via_dagster_runs
+from ingest_defs.bench.common import SCHEMA, batch_runner, publish_in_chunks
+from ingest_defs.bench.kafka import _via_dagster_runs
 from ingest_defs.config import parse_pipeline
 from ingest_defs.resources.brokers import DEFAULT_NATS, source_for
 
 NATS_URL = os.environ.get("NATS_URL", DEFAULT_NATS)
-CHUNK = 10_000
 PENDING = {"pending_msgs_limit": 10_000_000, "pending_bytes_limit": 4 << 30}
 
 
@@ -41,12 +39,7 @@ def _spec(name: str, stream: str, subject: str, table: Path, batch: int, retenti
 
 def _produce(source: Any, stream: str, messages: int) -> None:
     source.ensure_exists()
-    with Progress() as progress:
-        task = progress.add_task(f"publishing {messages:,} to {stream}", total=messages)
-        for lo in range(0, messages, CHUNK):
-            hi = min(messages, lo + CHUNK)
-            source.publish([_payload(i) for i in range(lo, hi)])
-            progress.update(task, completed=hi)
+    publish_in_chunks(source, stream, messages)
 
 
 async def _read(stream: str, subject: str, messages: int, mode: str) -> float:

@@ -18,8 +18,8 @@ from typing import Any
 from confluent_kafka import Producer
 from rich.progress import Progress
 
-from ingest_defs.bench.common import batch_runner
-from ingest_defs.bench.kafka import BOOTSTRAP, SCHEMA, _payload
+from ingest_defs.bench.common import SCHEMA, batch_runner, payload
+from ingest_defs.bench.kafka import BOOTSTRAP
 from ingest_defs.config import parse_pipeline
 from ingest_defs.maintenance import maintain_table
 from ingest_defs.resources.brokers import source_for
@@ -47,7 +47,7 @@ def _one_mode(batches: int, per_batch: int, maintenance: bool, every: int) -> di
         task = progress.add_task(f"{batches:,} batches of {per_batch}, {label}", total=batches)
         for i in range(batches):
             for j in range(per_batch):
-                producer.produce(spec.source.kafka.topic, _payload(i * per_batch + j))
+                producer.produce(spec.source.kafka.topic, payload(i * per_batch + j))
             producer.flush(30)
             started = time.perf_counter()
             runner = batch_runner(spec, source)

@@ -356,6 +356,18 @@ def _secure_mosquitto_config(b: Broker, layout: secure.Layout) -> list[str]:
 # --------------------------------------------------------------------------- configs
 
 
+# One broker that is also its controller: internal topics cannot have more than one replica.
+KAFKA_SINGLE_NODE = (
+    "num.partitions=1\n"
+    "offsets.topic.replication.factor=1\n"
+    "transaction.state.log.replication.factor=1\n"
+    "transaction.state.log.min.isr=1\n"
+    "share.coordinator.state.topic.replication.factor=1\n"
+    "share.coordinator.state.topic.min.isr=1\n"
+    "group.initial.rebalance.delay.ms=0\n"
+)
+
+
 def _kafka_config(b: Broker) -> list[str]:
     port = b.endpoint.port
     (controller,) = b.extra_ports
@@ -370,14 +382,8 @@ def _kafka_config(b: Broker) -> list[str]:
         "controller.listener.names=CONTROLLER\n"
         "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
         f"log.dirs={b.data_dir}\n"
-        "num.partitions=1\n"
-        "offsets.topic.replication.factor=1\n"
-        "transaction.state.log.replication.factor=1\n"
-        "transaction.state.log.min.isr=1\n"
-        "share.coordinator.state.topic.replication.factor=1\n"
-        "share.coordinator.state.topic.min.isr=1\n"
-        "group.initial.rebalance.delay.ms=0\n"
-        "auto.create.topics.enable=true\n"
+        + KAFKA_SINGLE_NODE
+        + "auto.create.topics.enable=true\n"
         "delete.topic.enable=true\n"
         "log.retention.check.interval.ms=5000\n"
     )
