@@ -141,3 +141,10 @@ def loaded_config() -> str:
     """The configuration Prometheus is running with (its /api/v1/status/config)."""
     with urllib.request.urlopen(f"{url()}/api/v1/status/config", timeout=5) as response:
         return json.loads(response.read())["data"]["yaml"]
+
+
+def running() -> bool:
+    """This stack's Prometheus is running (its pidfile names a live `prometheus` with our config)."""
+    from ingest_defs.stack import manager
+
+    return manager._our_pid(service()) is not None
