@@ -349,8 +349,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     specs = _load(None if args.pipeline == "all" else args.pipeline)
     selected = list(specs.values()) if args.pipeline == "all" else [specs[args.pipeline]]
     if args.action == "serve":
-        return metrics.serve_forever(selected, args.port, args.host, args.timeout)
-    text, seconds = metrics.exposition_once(selected, args.timeout)
+        return metrics.serve_forever(selected, args.port, args.host, args.timeout or metrics.DEFAULT_TIMEOUT_SECONDS)
+    text, seconds = metrics.exposition_once(selected, args.timeout or 60.0)  # a cold start connects first
     print(text, end="")
     print(f"# one scrape of {len(selected)} pipelines took {seconds * 1000:.0f} ms", file=sys.stderr)
     return 0
@@ -415,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--port", type=int, default=None,
                          help="port of /metrics (default: $INGEST_METRICS_PORT or 9464)")
     metrics.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    metrics.add_argument("--timeout", type=float, default=8.0,
-                         help="seconds a scrape waits for a pipeline's broker and tables (default 8)")
+    metrics.add_argument("--timeout", type=float, default=None,
+                         help="seconds a scrape waits for a pipeline's broker and tables (serve: 8, show: 60)")
     metrics.set_defaults(func=cmd_metrics)
 
     validate = sub.add_parser("validate", help="check the pipelines file")

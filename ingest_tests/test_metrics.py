@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -181,6 +183,8 @@ def test_exporter_and_status_agree_with_the_broker_and_delta(lake, instance, tmp
     assert value(samples, "ingest_lag_messages", **part) == 100 == figures.lag
     assert cli.main(["status", spec.name]) == 0
     assert re.search(r"\b100\b", capsys.readouterr().out), "ingest status shows the same lag"
+    assert cli.main(["metrics", "show", spec.name]) == 0
+    assert value(parse(capsys.readouterr().out), "ingest_lag_messages", **part) == 100
     target, quarantine = landed(spec)
     assert value(samples, "ingest_rows_written_total", **labels) == target.height
     assert value(samples, "ingest_rows_quarantined_total", **labels) == quarantine.height > 0
@@ -307,10 +311,13 @@ def test_prometheus_sees_lag_rise_when_produced_and_fall_to_zero_after_ingest_ru
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     source = source_for(spec)
     source.ensure_exists()
-    exporter = metrics.start([spec], host="127.0.0.1", timeout=0.9)  # INGEST_METRICS_PORT: Prometheus's target
+    # The command itself, on INGEST_METRICS_PORT (Prometheus's target), answering within the 1 s scrape timeout.
+    exporter = subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "metrics", "serve", "--host", "127.0.0.1",
+                                 "--timeout", "0.8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=REPO)
     sel = f'{{pipeline="{spec.name}"}}'
     try:
-        wait_value(prometheus_url, f"ingest_pipeline_up{sel}", lambda v: v == 1)
+        wait_value(prometheus_url, f"ingest_pipeline_up{sel}", lambda v: v == 1, timeout=120)
         assert wait_value(prometheus_url, f"sum(ingest_lag_messages{sel})", lambda v: True) == 0
         assert scalar(prometheus_url, f"ingest_rows_written_total{sel}") == 0
 
@@ -327,8 +334,11 @@ def test_prometheus_sees_lag_rise_when_produced_and_fall_to_zero_after_ingest_ru
         assert scalar(prometheus_url, f"ingest_batch_duration_seconds_count{sel}") >= 1
         assert scalar(prometheus_url, f"increase(ingest_rows_written_total{sel}[1m])") > 0
     finally:
-        exporter.stop()
+        exporter.send_signal(signal.SIGTERM)
+        output, _ = exporter.communicate(timeout=60)
         source.close()
+    assert exporter.returncode == 0, output
+    assert f"serving http://127.0.0.1:{metrics.default_port()}/metrics for 1 pipelines ({spec.name})" in output
 
 
 @needs_stack
