@@ -85,6 +85,30 @@ def test_lag_counts_from_the_start_of_retention_until_written() -> None:
     assert partition_lag(broker_start=None, broker_end=None, position=None) == 0  # empty partition
 
 
+def test_an_mqtt_lag_is_absent_not_zero_and_a_failed_pipeline_keeps_its_counters() -> None:
+    """MQTT brokers cannot tell their queue depth: no lag series rather than a reassuring 0. A pipeline whose
+    broker failed is down, without gauges, but its ledger counters stay (they are totals, not rates)."""
+    from ingest_defs.config import parse_pipeline
+    from ingest_defs.status import PartitionFigures, PipelineFigures
+
+    mqtt = parse_pipeline("m", {"source": {"mqtt": {"topics": ["m/#"]}}, "schema": {"columns": {"id": {"dtype": "int64"}}},
+                                "table": "bronze/m"})
+    kafka = kafka_spec(partitions=1)
+    now = datetime.now(UTC)
+    figures = PipelineFigures("m", "mqtt", [PartitionFigures("m/mqtt/c", 0, None, None, 41, None)], now, 42, 0)
+    totals = metrics.ledger_totals(pl.DataFrame(_live("b", [(0, 0, 5)], 5, 1, 0.5, now), schema=LEDGER_SCHEMA))
+    families = metrics.build_families([mqtt, kafka], [metrics.Snapshot(figures, totals),
+                                                      metrics.Snapshot(None, totals, ["broker or tables: refused"])], now)
+    samples = {(smp.name, frozenset(smp.labels.items())): smp.value for f in families for smp in f.samples}
+    assert value(samples, "ingest_delta_position_offset", pipeline="m", source="mqtt", partition="0") == 41
+    assert not [k for k in samples if k[0] in ("ingest_lag_messages", "ingest_broker_end_offset")
+                and ("pipeline", "m") in k[1]]
+    assert value(samples, "ingest_pipeline_up", pipeline="m", source="mqtt") == 1
+    assert value(samples, "ingest_pipeline_up", pipeline=kafka.name, source="kafka") == 0
+    assert not [k for k in samples if k[0] == "ingest_table_rows" and ("pipeline", kafka.name) in k[1]]
+    assert value(samples, "ingest_rows_written_total", pipeline=kafka.name, source="kafka") == 5
+
+
 # ---------------------------------------------------------------------------- ledger totals on a real ledger
 def _live(batch_id: str, ranges: list[tuple[int, int, int]], written: int | None, quarantined: int | None,
           seconds: float | None, at: datetime) -> list[dict]:
@@ -342,9 +366,10 @@ def test_prometheus_sees_lag_rise_when_produced_and_fall_to_zero_after_ingest_ru
 
 
 @needs_stack
-def test_the_dashboard_queries_run_on_prometheus_and_name_exported_metrics(prometheus_url) -> None:
+def test_the_dashboard_and_alert_queries_run_on_prometheus_and_name_exported_metrics(prometheus_url) -> None:
     """Every panel's PromQL parses and runs on the real Prometheus, uses only metrics the exporter exports,
-    and takes its data source from the dashboard's variable (so Grafana's import asks for one)."""
+    and takes its data source from the dashboard's variable (so Grafana's import asks for one); the
+    alerting rules of deploy/ingest-alerts.yml are loaded and name exported metrics too."""
     dashboard = json.loads(DASHBOARD.read_text())
     assert {"datasource", "pipeline"} <= {v["name"] for v in dashboard["templating"]["list"]}
     assert next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")["type"] == "datasource"
@@ -361,6 +386,14 @@ def test_the_dashboard_queries_run_on_prometheus_and_name_exported_metrics(prome
             runnable = (expr.replace("$pipeline", ".*").replace("$__rate_interval", "1m")
                         .replace("$__range", "1h").replace("$__interval", "15s"))
             query(prometheus_url, runnable)  # asserts Prometheus accepted it
+    # The alerting rules loaded (Prometheus refuses a config whose rules do not parse).
+    with urllib.request.urlopen(f"{prometheus_url}/api/v1/rules", timeout=10) as r:
+        groups = json.loads(r.read())["data"]["groups"]
+    rules = {rule["name"] for g in groups if g["name"] == "ingest" for rule in g["rules"]}
+    assert {"IngestPipelineUnreadable", "IngestDataDeletedBeforeIngestion", "IngestStale"} <= rules
+    for rule_expr in (rule["query"] for g in groups for rule in g["rules"]):
+        for name in set(re.findall(r"\bingest_[a-z0-9_]+", rule_expr)):
+            assert name in exported, f"alert rule uses {name}, which the exporter does not export"
 
 
 def _exported_names() -> set[str]:
@@ -391,3 +424,5 @@ def test_scrape_configs_are_valid_for_promtool(tmp_path: Path) -> None:
     assert int(port) == metrics.DEFAULT_PORT
     assert services[host]["command"][:3] == ["ingest", "metrics", "serve"]
     assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    assert "./deploy/ingest-alerts.yml:/etc/prometheus/ingest-alerts.yml:ro" in services["prometheus"]["volumes"]
+    assert yaml.safe_load(SCRAPE_CONFIG.read_text())["rule_files"] == ["ingest-alerts.yml"]
