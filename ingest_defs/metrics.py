@@ -238,7 +238,7 @@ class LedgerReader:
         if version == self._version:
             return self._total
         uris = table.file_uris()  # from the log; cheap (a dataset of the whole table is not: ~3 ms a file)
-        current = set(uris)
+        current, columns = set(uris), frozenset(table.schema().to_arrow().names)
         # Files a compaction (or any rewrite) removed: their rows are in the files it added, read below.
         self._files = {uri: t for uri, t in self._files.items() if uri in current}
         new = [uri for uri in uris if uri not in self._files]
@@ -248,12 +248,11 @@ class LedgerReader:
             rows = pl.scan_parquet(new, schema=schema, missing_columns="insert", extra_columns="ignore",
                                    include_file_paths=_FILE, storage_options=self.ledger.storage_options).collect()
             by_file = rows.partition_by(_FILE, as_dict=True, include_key=False)
-            columns = frozenset(table.schema().to_arrow().names)
             for uri in new:
                 frame = by_file.get((uri,), pl.DataFrame(schema=schema))
                 self._files[uri] = replace(ledger_totals(frame), columns=columns)
             self.files_read += len(new)
-        total = LedgerTotals(columns=frozenset(table.schema().to_arrow().names))
+        total = LedgerTotals(columns=columns)
         for t in self._files.values():
             total = total.merge(t)
         self._version, self._total = version, total
@@ -304,7 +303,7 @@ class PipelineProbe:
         else:
             busy = time.monotonic() - self._started
             snap = Snapshot(ledger=self._ledger_totals, seconds=busy,
-                            errors=[f"still reading after {busy:.1f}s (broker or storage not answering)"])
+                            errors=["still reading when the scrape's timeout passed (broker or storage not answering)"])
         self._log_change(snap.errors)
         return snap
 
