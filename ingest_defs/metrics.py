@@ -288,6 +288,7 @@ class PipelineProbe:
         self._future: Future[Snapshot] | None = None
         self._started = 0.0
         self._last_errors: list[str] = []
+        self._read_once = False  # a read has finished (before that, a slow scrape is the start-up)
 
     def begin(self) -> Future[Snapshot]:
         """Start a read, unless the previous one is still running (a hung broker): then that one is awaited."""
@@ -300,10 +301,12 @@ class PipelineProbe:
         """The read's result, or (not finished within the scrape's timeout) a failed snapshot."""
         if future.done():
             snap = future.result()
+            self._read_once = True
         else:
             busy = time.monotonic() - self._started
-            snap = Snapshot(ledger=self._ledger_totals, seconds=busy,
-                            errors=["still reading when the scrape's timeout passed (broker or storage not answering)"])
+            why = ("first read not finished (connecting, reading the ledger)" if not self._read_once else
+                   "still reading when the scrape's timeout passed (broker or storage not answering)")
+            snap = Snapshot(ledger=self._ledger_totals, seconds=busy, errors=[why])
         self._log_change(snap.errors)
         return snap
 
@@ -326,11 +329,12 @@ class PipelineProbe:
         return snap
 
     def _log_change(self, errors: list[str]) -> None:
-        # Log when the error changes, not on every scrape.
+        # Log when the error changes, not on every scrape; starting up is not a problem.
         if errors and errors != self._last_errors:
-            logger.warning("metrics: pipeline %s: %s", self.spec.name, "; ".join(errors))
+            level = logging.WARNING if self._read_once else logging.INFO
+            logger.log(level, "metrics: pipeline %s: %s", self.spec.name, "; ".join(errors))
         elif not errors and self._last_errors:
-            logger.warning("metrics: pipeline %s: readable again", self.spec.name)
+            logger.info("metrics: pipeline %s: readable again", self.spec.name)
         self._last_errors = errors
 
     def _drop_source(self) -> None:
@@ -530,8 +534,12 @@ def serve_forever(specs: Sequence[PipelineSpec], port: int | None, host: str, ti
     """`ingest metrics serve`: serve until SIGINT/SIGTERM."""
     import signal
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = logging.getLogger("ingest")  # our lines at INFO; other libraries keep their WARNING default
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
     exporter = start(specs, port, host, timeout)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -269,19 +269,26 @@ def test_a_pipeline_that_cannot_be_read_does_not_break_the_scrape(lake, caplog, 
     source.ensure_exists()
     source.publish(make_samples(good, 10, seed=1).payloads)
     source.close()
-    collector = metrics.IngestCollector([good, missing, hung], timeout=3.0)
+    collector = metrics.IngestCollector([good, missing, hung], timeout=2.0)
     registry = metrics.registry_for(collector, process_metrics=False)
+    scrapes: list[Samples] = []
+
+    def good_read_and_missing_reported() -> bool:
+        scrapes.append(parse(generate_latest(registry).decode()))
+        return (value(scrapes[-1], "ingest_pipeline_up", pipeline=good.name, source="kafka") == 1
+                and "does not exist" in caplog.text)
+
     try:
-        with caplog.at_level("WARNING", logger="ingest.metrics"):
-            samples = parse(generate_latest(registry).decode())
-        assert value(samples, "ingest_pipeline_up", pipeline=good.name, source="kafka") == 1
+        with caplog.at_level("INFO", logger="ingest.metrics"):
+            wait_for(good_read_and_missing_reported, timeout=120, interval=0.1)
+        samples = scrapes[-1]
         assert value(samples, "ingest_lag_messages", pipeline=good.name, source="kafka", partition="0") == 10
         assert value(samples, "ingest_pipeline_up", pipeline=missing.name, source="nats") == 0
-        assert value(samples, "ingest_pipeline_up", pipeline=hung.name, source="kafka") == 0
-        assert not [k for k in samples if k[0] == "ingest_lag_messages" and ("pipeline", hung.name) in k[1]]
-        log = caplog.text
-        assert f"pipeline {missing.name}" in log and "does not exist" in log
-        assert f"pipeline {hung.name}" in log and "still reading" in log
+        assert all(value(s, "ingest_pipeline_up", pipeline=hung.name, source="kafka") == 0 for s in scrapes)
+        assert not [k for s in scrapes for k in s if k[0] == "ingest_lag_messages" and ("pipeline", hung.name) in k[1]]
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(f"pipeline {missing.name}" in w and "does not exist" in w for w in warnings), warnings
+        assert f"pipeline {hung.name}: first read not finished" in caplog.text
     finally:
         collector.close()
 
