@@ -65,9 +65,10 @@ def pipeline_figures(source: Source, target: DeltaTableSink, quarantine: DeltaTa
     """The pipeline's figures now. Raises if the broker or a table cannot be read (the caller says which)."""
     parts = source.state()
     versions = target.versions([p.app_id for p in parts])
+    knows_bounds = getattr(source, "reports_bounds", True)  # a source that does not say: it does (Kafka, NATS)
     figures = [
         PartitionFigures(p.app_id, p.partition, p.first, p.last, versions.get(p.app_id),
-                         partition_lag(p.first, p.last, versions.get(p.app_id)) if source.reports_bounds else None)
+                         partition_lag(p.first, p.last, versions.get(p.app_id)) if knows_bounds else None)
         for p in parts
     ]
     table = target.table(refresh=False)  # refreshed by versions() above
