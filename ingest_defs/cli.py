@@ -38,10 +38,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from ingest_defs.stack import manager
 
     if args.action == "up":
-        return manager.up(secure=args.secure)
+        return manager.up(secure=args.secure, prometheus=args.prometheus)
     if args.action == "down":
         return manager.down()
-    return manager.status(secure=args.secure)
+    return manager.status(secure=args.secure, prometheus=args.prometheus)
 
 
 def cmd_validate(_args: argparse.Namespace) -> int:
@@ -136,6 +136,7 @@ class _BatchLineHandler(logging.Handler):
 def cmd_status(args: argparse.Namespace) -> int:
     from ingest_defs.resources.brokers import source_for
     from ingest_defs.sink import DeltaTableSink
+    from ingest_defs.status import pipeline_figures
 
     specs = _load(args.pipeline if args.pipeline != "all" else None)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
@@ -147,19 +148,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
         source = source_for(spec)
         try:
-            parts = source.state()
-            versions = target.versions([p.app_id for p in parts])
-            lag = 0
-            ends, positions = [], []
-            for p in parts:
-                v = versions.get(p.app_id)
-                ends.append(f"{p.partition}:{'-' if p.last is None else p.last}")
-                positions.append(f"{p.partition}:{'-' if v is None else v}")
-                if p.last is not None:
-                    floor = (p.first - 1) if v is None else v
-                    lag += max(0, p.last - floor)
-            table.add_row(name, spec.source.kind, " ".join(ends), " ".join(positions), str(lag),
-                          _last_commit_time(target), str(quarantine.row_count()))
+            # the same figures the metrics exporter publishes (ingest_defs/status.py)
+            figures = pipeline_figures(source, target, quarantine)
+            ends = [f"{p.partition}:{_dash(p.broker_end)}" for p in figures.partitions]
+            positions = [f"{p.partition}:{_dash(p.position)}" for p in figures.partitions]
+            last_batch = "-" if figures.last_batch_at is None else f"{figures.last_batch_at:%Y-%m-%d %H:%M:%S}"
+            table.add_row(name, spec.source.kind, " ".join(ends), " ".join(positions), str(figures.lag),
+                          last_batch, str(figures.quarantined_rows))
         except Exception as exc:  # one broken pipeline must not hide the others
             status = 1
             table.add_row(name, spec.source.kind, "[red]unavailable[/]", "", "", "", f"[red]{escape(str(exc))}[/]")
@@ -167,18 +162,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             source.close()
     console.print(table)
     return status
-
-
-def _last_commit_time(sink) -> str:
-    from datetime import UTC, datetime
-
-    table = sink.table()
-    if table is None:
-        return "-"
-    for entry in table.history(20):
-        if entry.get("ingest.batch_id") and entry.get("ingest.mode") != "replay":
-            return datetime.fromtimestamp(entry["timestamp"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-    return "-"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -359,6 +342,20 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """The Prometheus exporter (ingest_defs/metrics.py): `serve` it, or `show` one scrape's text."""
+    from ingest_defs import metrics
+
+    specs = _load(None if args.pipeline == "all" else args.pipeline)
+    selected = list(specs.values()) if args.pipeline == "all" else [specs[args.pipeline]]
+    if args.action == "serve":
+        return metrics.serve_forever(selected, args.port, args.host, args.timeout or metrics.DEFAULT_TIMEOUT_SECONDS)
+    text, seconds = metrics.exposition_once(selected, args.timeout or 60.0)  # a cold start connects first
+    print(text, end="")
+    print(f"# one scrape of {len(selected)} pipelines took {seconds * 1000:.0f} ms", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingest", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -366,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     stack = sub.add_parser("stack", help="the local broker stack (Kafka, NATS JetStream, Mosquitto)")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--secure", action="store_true", help="the secure stack: authentication, ACLs and TLS on, on its own ports (see README)")
+    stack.add_argument("--prometheus", action="store_true",
+                       help="also a Prometheus server scraping `ingest metrics serve` (INGEST_PROMETHEUS_PORT, default 9090)")
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run batches of a pipeline through Dagster until caught up")
@@ -409,6 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--to", required=True, help="last offset/sequence, or an ISO-8601 time (UTC), inclusive")
     replay.add_argument("--partition", type=int, default=None, help="only this source partition (Kafka)")
     replay.set_defaults(func=cmd_replay)
+
+    metrics = sub.add_parser("metrics", help="Prometheus metrics: serve the exporter, or show one scrape")
+    metrics.add_argument("action", choices=["serve", "show"])
+    metrics.add_argument("pipeline", nargs="?", default="all")
+    metrics.add_argument("--port", type=int, default=None,
+                         help="port of /metrics (default: $INGEST_METRICS_PORT or 9464)")
+    metrics.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    metrics.add_argument("--timeout", type=float, default=None,
+                         help="seconds a scrape waits for a pipeline's broker and tables (serve: 8, show: 60)")
+    metrics.set_defaults(func=cmd_metrics)
 
     validate = sub.add_parser("validate", help="check the pipelines file")
     validate.set_defaults(func=cmd_validate)

@@ -53,6 +53,7 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "quarantine_version": pl.Int64(),
     "ingested_at": TS,  # `_ingested_at` of the batch's rows (replays keep it)
     "committed_at": TS,
+    "started_at": TS,  # live batches: when the batch began reading (batch duration = committed_at - started_at)
 }
 
 
@@ -137,8 +138,9 @@ class Ledger:
         for attempt in range(5):  # a concurrent replay's ledger append may win the race; appends never conflict on data
             try:
                 table = self.table()
+                # merge: a ledger made before a column was added gains it (older rows read as null)
                 write_deltalake(table if table is not None else self.uri, frame.to_arrow(), mode="append",
-                                commit_properties=props, storage_options=None if table is not None else self.storage_options)
+                                schema_mode="merge", commit_properties=props, storage_options=None if table is not None else self.storage_options)
                 return
             except CommitFailedError:
                 if attempt == 4:
@@ -213,7 +215,7 @@ def ledger_rows(*, pipeline: str, batch_id: str, partition_key: str, mode: str, 
                 run_id: str, generation: str | None, covered: Iterable[PartitionRange],
                 stats: dict[int, PartitionStats], rows_written: int | None, rows_quarantined: int | None,
                 target_version: int | None, quarantine_version: int | None, ingested_at: datetime | None,
-                committed_at: datetime | None = None) -> list[dict[str, Any]]:
+                committed_at: datetime | None = None, started_at: datetime | None = None) -> list[dict[str, Any]]:
     """The ledger rows of one batch: one per source partition it covered."""
     committed_at = committed_at or datetime.now(UTC)
     out = []
@@ -228,7 +230,7 @@ def ledger_rows(*, pipeline: str, batch_id: str, partition_key: str, mode: str, 
             "first_offset": s.first_offset, "last_offset": s.last_offset, "first_timestamp": s.first_ts,
             "last_timestamp": s.last_ts, "rows_written": rows_written, "rows_quarantined": rows_quarantined,
             "target_version": target_version, "quarantine_version": quarantine_version,
-            "ingested_at": ingested_at, "committed_at": committed_at,
+            "ingested_at": ingested_at, "committed_at": committed_at, "started_at": started_at,
         })
     return out
 

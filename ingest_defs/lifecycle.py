@@ -318,7 +318,8 @@ class BatchRunner:
             status="committed", trigger=self.ctx.trigger, run_id=self.ctx.run_id, generation=None,
             covered=raw.covered, stats=result.stats, rows_written=result.rows_written,
             rows_quarantined=result.rows_quarantined, target_version=result.target_version,
-            quarantine_version=result.quarantine_version, ingested_at=result.ingested_at),
+            quarantine_version=result.quarantine_version, ingested_at=result.ingested_at,
+            started_at=datetime.fromtimestamp(result.started_at, UTC)),
             target_version=result.target_version)
 
     def _rows(self, raw: RawBatch, result: BatchResult,

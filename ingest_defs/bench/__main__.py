@@ -2,7 +2,8 @@
 
 Sections (default: all): throughput (Kafka 1M at 1 and 4 partitions, NATS 500k, MQTT 200k, each against
 the bare client in the same run), overhead (1,000 small batches, maintenance on and off), memory (1M
-and 5M backlogs), freshness (daemon + 5 s sensors, one pipeline, then four together). The figures go
+and 5M backlogs), freshness (daemon + 5 s sensors, one pipeline, then four together), metrics (the cost of a
+Prometheus scrape with 8 pipelines). The figures go
 to `<lake>/_bench/results.json` and a chart to `<lake>/_bench/results.png`; how each is defined is in
 the README's performance section. `--quick` runs every section at a tenth of the size (a smoke run).
 """
@@ -29,7 +30,7 @@ from ingest_defs.config import lake_root
 console = Console(width=max(Console().width, 150))  # wide tables even when the output goes to a file
 
 
-SECTIONS = ["throughput", "overhead", "memory", "freshness"]
+SECTIONS = ["throughput", "overhead", "memory", "freshness", "metrics"]
 TARGETS = {"kafka": 0.7, "nats": 0.8, "mqtt": 0.9}  # ratio A targets (facts.md)
 
 
@@ -108,6 +109,20 @@ def freshness(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def metrics(quick: bool) -> list[dict[str, Any]]:
+    from ingest_defs.bench.metrics import bench_metrics
+
+    rows = bench_metrics(batches=20 if quick else 100)
+    table = Table("scrape", "pipelines", "ledger files each", "scrapes", "wall median ms", "wall p95 ms",
+                  "CPU median ms", "CPU p95 ms", "up", title="Cost of one Prometheus scrape of `ingest metrics serve`")
+    for r in rows:
+        table.add_row(r["phase"], str(r["pipelines"]), str(r["ledger_files"]), str(r["scrapes"]),
+                      f"{r['wall_median_ms']:.0f}", f"{r['wall_p95_ms']:.0f}", f"{r['cpu_median_ms']:.0f}",
+                      f"{r['cpu_p95_ms']:.0f}", str(r["pipelines_up"]))
+    console.print(table)
+    return rows
+
+
 def _delete_bench_topics() -> None:
     """The Kafka topics of this and earlier bench runs (NATS streams are deleted by their section)."""
     from confluent_kafka.admin import AdminClient
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
                                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    runners = {"throughput": throughput, "overhead": overhead, "memory": memory, "freshness": freshness}
+    runners = {"throughput": throughput, "overhead": overhead, "memory": memory, "freshness": freshness,
+               "metrics": metrics}
     # Every table, work dir and daemon log of this run goes under one scratch dir, removed at the end.
     scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     tempfile.tempdir = str(scratch)

@@ -110,6 +110,8 @@ class Source(Protocol):
     """A broker source. Everything broker-specific lives behind these methods."""
 
     kind: str
+    # False when the broker cannot tell its bounds or queue depth (MQTT): lag is then unknown, not 0.
+    reports_bounds: bool
 
     def plan(self, stored: StoredVersion, max_messages: int) -> Plan:
         """Fix exact inclusive ranges per partition from the broker's bounds and the stored versions.

@@ -37,6 +37,7 @@ _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/p
 
 class KafkaSource:
     kind = "kafka"
+    reports_bounds = True
 
     def __init__(self, spec: PipelineSpec, client_config: dict[str, Any]):
         kafka = spec.source.kafka

@@ -207,6 +207,7 @@ class SessionLostGap(Gap):
 # ---------------------------------------------------------------- the source
 class MqttSource:
     kind = "mqtt"
+    reports_bounds = False  # no broker offsets or queue depth: lag is unknown
 
     def __init__(self, spec: PipelineSpec, resource: Any):
         mqtt_spec = spec.source.mqtt

@@ -351,6 +351,7 @@ class _Reader:
 
 class NatsSource:
     kind = "nats"
+    reports_bounds = True
 
     def __init__(self, spec: PipelineSpec, connection: Any):
         source = spec.source.nats

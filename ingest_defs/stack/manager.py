@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ingest_defs.stack import prometheus as prometheus_service
 from ingest_defs.stack import secure
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -86,6 +87,7 @@ SYSTEM_PACKAGES = {
     "java": "openjdk-17-jre-headless",
     "mvn": "maven",
     "openssl": "openssl",  # makes the secure stack's certificates
+    "prometheus": "prometheus",  # `ingest stack up --prometheus` (stack/prometheus.py), scrapes the exporter
 }
 _SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 _apt_updated = False
@@ -223,7 +225,7 @@ class Broker:
 
     @property
     def config(self) -> Path:
-        return self.dir / {"kafka": "server.properties"}.get(self.name, f"{self.name}.conf")
+        return self.dir / {"kafka": "server.properties", "prometheus": "prometheus.yml"}.get(self.name, f"{self.name}.conf")
 
     @property
     def ports(self) -> dict[int, str]:
@@ -993,13 +995,18 @@ def _check_answers(
         return {name: f.result() for name, f in futures.items()}
 
 
-def up(secure: bool = False) -> int:
-    """Start (or reuse) Kafka, NATS JetStream and Mosquitto; wait until each answers.
+def _services(prometheus: bool) -> list[Broker]:
+    """Optional services beside the brokers: Prometheus (stack/prometheus.py)."""
+    return [prometheus_service.service()] if prometheus else []
 
-    Returns a process exit code (0 = all three answer).
+
+def up(secure: bool = False, prometheus: bool = False) -> int:
+    """Start (or reuse) Kafka, NATS JetStream and Mosquitto (and Prometheus); wait until each answers.
+
+    Returns a process exit code (0 = all answer).
     """
     try:
-        brokers = _brokers(secure)
+        brokers = _brokers(secure) + _services(prometheus)
         if external():
             return _up_external(brokers)
         if secure:
@@ -1116,14 +1123,17 @@ def _read_run(b: Broker) -> dict:
         return {}
 
 
-def down(secure: bool | None = None) -> int:
+def down(secure: bool | None = None, prometheus: bool = False) -> int:
     """Stop the brokers this stack started (pidfiles), SIGTERM then SIGKILL after 20 s.
 
-    `secure`: None stops the plain and the secure stack, True only the secure one, False only the plain one."""
+    `secure`: None stops the plain and the secure stack, True only the secure one, False only the plain one.
+    Prometheus stops with the plain stack; `prometheus=True` stops only Prometheus."""
     try:
-        brokers = [] if secure else _brokers()
-        if secure is not False and _secure_layout().root.exists():
+        brokers = [] if secure or prometheus else _brokers()
+        if secure is not False and not prometheus and _secure_layout().root.exists():
             brokers += _brokers(secure=True)
+        if not secure and (stack_dir() / prometheus_service.NAME).exists():
+            brokers += _services(prometheus=True)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
@@ -1177,10 +1187,10 @@ def down(secure: bool | None = None) -> int:
     return rc
 
 
-def status(secure: bool = False) -> int:
+def status(secure: bool = False, prometheus: bool = False) -> int:
     """Print address, pid (if ours) and health of each broker; non-zero if any is not answering."""
     try:
-        brokers = _brokers(secure)
+        brokers = _brokers(secure) + _services(prometheus)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1

@@ -1,0 +1,87 @@
+"""Where a pipeline stands: the figures `ingest status` prints and the Prometheus exporter publishes.
+
+One function computes them for both (`pipeline_figures`), so the table on the terminal and the graph in
+Grafana can never disagree. It reads the broker's bounds (the source's `state()`), the target table's
+transaction versions, the target's last live commit and the row counts of both tables (from the Delta
+log's file statistics, not a scan). It never writes and never acknowledges anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from deltalake import DeltaTable
+
+from ingest_defs.sink import DeltaTableSink
+from ingest_defs.sources.base import Source
+
+LAST_COMMIT_LOOKBACK = 20  # commits searched for the last live batch (replays and maintenance commit too)
+
+
+@dataclass(frozen=True)
+class PartitionFigures:
+    """One source partition (Kafka partition; 0 for a NATS stream or an MQTT session)."""
+
+    app_id: str
+    partition: int
+    broker_start: int | None  # first offset the broker still holds (None: empty or unknown)
+    broker_end: int | None  # last offset available (None: empty or unknown)
+    position: int | None  # Delta transaction version: last offset covered (None: never written)
+    lag: int | None  # messages on the broker not yet in Delta (None: the broker cannot tell, e.g. MQTT)
+
+    @property
+    def pending_gap(self) -> int:
+        """Messages the broker deleted before they were ingested, which the next batch will meet (`on_gap`)."""
+        if self.position is None or self.broker_start is None:
+            return 0
+        return max(0, self.broker_start - 1 - self.position)
+
+
+@dataclass(frozen=True)
+class PipelineFigures:
+    pipeline: str
+    source: str  # kafka | nats | mqtt
+    partitions: list[PartitionFigures]
+    last_batch_at: datetime | None  # commit time of the target's last live batch (None: none in the lookback)
+    target_rows: int
+    quarantined_rows: int
+
+    @property
+    def lag(self) -> int:
+        """Messages left over all partitions whose lag is known (what `ingest status` prints)."""
+        return sum(p.lag for p in self.partitions if p.lag is not None)
+
+
+def partition_lag(broker_start: int | None, broker_end: int | None, position: int | None) -> int:
+    """Messages after the Delta position up to the broker's end (from the start of retention if never written)."""
+    if broker_end is None:
+        return 0
+    floor = (broker_start - 1 if broker_start is not None else -1) if position is None else position
+    return max(0, broker_end - floor)
+
+
+def pipeline_figures(source: Source, target: DeltaTableSink, quarantine: DeltaTableSink) -> PipelineFigures:
+    """The pipeline's figures now. Raises if the broker or a table cannot be read (the caller says which)."""
+    parts = source.state()
+    versions = target.versions([p.app_id for p in parts])
+    knows_bounds = getattr(source, "reports_bounds", True)  # a source that does not say: it does (Kafka, NATS)
+    figures = [
+        PartitionFigures(p.app_id, p.partition, p.first, p.last, versions.get(p.app_id),
+                         partition_lag(p.first, p.last, versions.get(p.app_id)) if knows_bounds else None)
+        for p in parts
+    ]
+    table = target.table(refresh=False)  # refreshed by versions() above
+    return PipelineFigures(
+        pipeline=target.pipeline, source=source.kind, partitions=figures,
+        last_batch_at=None if table is None else last_live_commit(table),
+        target_rows=0 if table is None else int(table.count()),
+        quarantined_rows=quarantine.row_count())
+
+
+def last_live_commit(table: DeltaTable, lookback: int = LAST_COMMIT_LOOKBACK) -> datetime | None:
+    """Commit time of the newest live batch among the last `lookback` commits (replay commits do not count)."""
+    for entry in table.history(lookback):
+        if entry.get("ingest.batch_id") and entry.get("ingest.mode") != "replay":
+            return datetime.fromtimestamp(entry["timestamp"] / 1000, UTC)
+    return None
