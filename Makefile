@@ -25,9 +25,9 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	python3 -m uv sync --frozen
 	@touch $@
 
-# System packages (nats-server, mosquitto; apt-get when root) and Kafka's jars (Maven Central).
+# System packages (nats-server, mosquitto; apt-get when root), Kafka's jars and the schema registry (Maven Central).
 setup: $(VENV)/.installed
-	$(PY) -c "from ingest_defs.stack import manager; manager.ensure_system_packages(); manager.ensure_kafka_jars()"
+	$(PY) -c "from ingest_defs.stack import manager, registry; manager.ensure_system_packages(); manager.ensure_kafka_jars(); registry.ensure_dist()"
 	$(PY) -m ingest_defs.assets.dbt parse  # dbt/target/manifest.json: the code location loads it, never parses
 
 stack: setup
