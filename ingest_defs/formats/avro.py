@@ -77,6 +77,7 @@ class AvroCodec:
         walk = _Walk()
         if not isinstance(parsed, dict) or parsed.get("type") != "record":
             raise Unsupported("", f"the top-level schema is {_type_name(parsed)}, not a record (each field becomes a column)")
+        walk.stack.append(parsed.get("name", ""))
         dtypes = {f["name"]: walk.dtype(f["type"], f["name"], top=True) for f in parsed["fields"]}
         defaults = {f["name"]: f.get("default") for f in parsed["fields"] if "default" in f}
         return Parsed(schema.id, dtypes, record_name=parsed.get("name"), defaults=defaults,

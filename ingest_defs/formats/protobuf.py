@@ -328,7 +328,7 @@ def _dtype(field: FieldDescriptor, path: str, stack: list[str]) -> pl.DataType:
         key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
         return pl.List(pl.Struct({"key": _single(key, f"{path}.key", stack), "value": _single(value, f"{path}.value", stack)}))
     inner = _single(field, path, stack)
-    return pl.List(inner) if field.label == F.LABEL_REPEATED else inner
+    return pl.List(inner) if field.is_repeated else inner
 
 
 def _single(field: FieldDescriptor, path: str, stack: list[str]) -> pl.DataType:
@@ -382,7 +382,7 @@ def _getter(field: FieldDescriptor) -> Any:
         v = value or (lambda x: x)
         return lambda m: [{"key": k(a), "value": v(b)} for a, b in getattr(m, name).items()]
     conv = _converter(field)
-    if field.label == F.LABEL_REPEATED:
+    if field.is_repeated:
         return (lambda m: [conv(x) for x in getattr(m, name)]) if conv else (lambda m: list(getattr(m, name)))
     present = field.type == F.TYPE_MESSAGE or field.containing_oneof is not None or field.has_presence
     if present:
@@ -410,7 +410,7 @@ def _sample_message(descriptor: Descriptor, rng: random.Random, n: int, depth: i
         if _is_map(f):
             value_field = f.message_type.fields_by_name["value"]
             out[f.json_name] = {f"k{i}": _sample_value(value_field, rng, n, depth) for i in range(rng.randint(0, 2))}
-        elif f.label == F.LABEL_REPEATED:
+        elif f.is_repeated:
             out[f.json_name] = [_sample_value(f, rng, n, depth) for _ in range(rng.randint(0, 3))]
         else:
             out[f.json_name] = _sample_value(f, rng, n, depth)
