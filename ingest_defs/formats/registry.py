@@ -178,7 +178,6 @@ def registry_for(spec: SchemaRegistrySpec, pipeline: str) -> Registry:
             conf: dict[str, Any] = {"url": url, "timeout": spec.timeout_seconds, "max.retries": spec.max_retries,
                                     "retries.wait.ms": 200, "retries.max.wait.ms": 2000}
             if user is not None:
-                conf["basic.auth.credentials.source"] = "USER_INFO"
                 conf["basic.auth.user.info"] = f"{user}:{password}"
             if ca:
                 conf["ssl.ca.location"] = ca
