@@ -43,6 +43,7 @@ demo: stack
 	$(INGEST) produce page_events --count 5000 --bad-fraction 0.01 --seed 7 --key page_loaded
 	$(INGEST) produce jobs --count 3000 --bad-fraction 0.01 --seed 7 --key finished
 	$(INGEST) produce iot_temperature --count 5000 --bad-fraction 0.01 --seed 7
+	$(INGEST) produce orders --count 5000 --bad-fraction 0.01 --seed 7   # Avro via the schema registry
 	$(INGEST) run all
 	$(INGEST) status
 	$(INGEST) show all --rows 5

@@ -21,11 +21,18 @@ are refused.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
+import os
 import random
+import re
+import sys
+import tempfile
+import threading
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -134,7 +141,8 @@ def _read_block(bodies: pl.Series, writer: Parsed) -> pl.DataFrame | None:
     data = _contiguous(bodies)
     container = b"".join((avro.header, _zigzag(len(bodies)), _zigzag(len(data)), data, SYNC))
     try:
-        frame = pl.read_avro(io.BytesIO(container))
+        with _panic_output_kept_off_stderr():
+            frame = pl.read_avro(io.BytesIO(container))
     except BaseException as exc:  # noqa: BLE001 - polars raises ComputeError, or a PanicException (BaseException)
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
@@ -150,6 +158,50 @@ def _read_block(bodies: pl.Series, writer: Parsed) -> pl.DataFrame | None:
     if not exact:
         return None
     return frame.select([_land(pl.col(f["name"]), f["type"], writer.dtypes[f["name"]]).alias(f["name"]) for f in fields])
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _panic_output_kept_off_stderr() -> Iterator[None]:
+    """polars' Avro reader panics on some corrupt input (a length read from misaligned bytes); the panic
+    arrives here as an exception and the bisection isolates the message, but Rust's panic hook has already
+    written it — with a backtrace when RUST_BACKTRACE is set — to file descriptor 2. Hold fd 2 in a file
+    while reading, then pass on everything but the panic report."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read()
+            if text:
+                kept = _without_panic_reports(text)
+                if kept:
+                    os.write(2, kept)
+
+
+def _without_panic_reports(text: bytes) -> bytes:
+    """Drop Rust panic reports (`thread ... panicked at ...:`, the message line, the note or backtrace)."""
+    kept, skip_message = [], False
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if b"panicked at" in line:
+            skip_message = True
+            continue
+        if skip_message:
+            skip_message = False
+            continue
+        if not stripped or stripped.startswith((b"note: ", b"stack backtrace:", b"at ")) or re.match(rb"^\d+: ", stripped):
+            continue
+        kept.append(line)
+    return b"".join(kept)
 
 
 def _contiguous(bodies: pl.Series) -> bytes:
