@@ -21,9 +21,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka.schema_registry import Schema, SchemaReference, SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError
-
 from ingest_defs.config import ConfigError, SchemaRegistrySpec, expand_env
 from ingest_defs.stack.registry import DEFAULT_URL, base_url_without_credentials
 
@@ -62,6 +59,9 @@ class Registry:
     """One registry (URL + credentials), shared by every pipeline of the process that uses it."""
 
     def __init__(self, url: str, conf: dict[str, Any], attempts: int):
+        # imported here: it costs ~0.5 s, and the code location must stay cheap to load
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
         self.url = base_url_without_credentials(url)  # as shown in messages: never credentials
         self._client = SchemaRegistryClient(conf)
         self._attempts = attempts
@@ -107,12 +107,16 @@ class Registry:
     # ------------------------------------------------------------ writing (producers, tests)
     def register(self, subject: str, text: str, schema_type: str, references: tuple[Reference, ...] = ()) -> int:
         """Register (or find) the schema under the subject; its id. An incompatible schema raises."""
+        from confluent_kafka.schema_registry import Schema, SchemaReference
+
         schema = Schema(text, schema_type, [SchemaReference(r.name, r.subject, r.version) for r in references])
         return int(self._call(lambda: self._client.register_schema(subject, schema), f"registering under '{subject}'",
                               not_found_is_data=False))
 
     # ------------------------------------------------------------ errors
     def _call(self, fn: Any, what: str, not_found_is_data: bool = True) -> Any:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         try:
             return fn()
         except SchemaRegistryError as exc:
@@ -148,11 +152,11 @@ class _NotFound(Exception):
     pass
 
 
-def _references(schema: Schema) -> tuple[Reference, ...]:
+def _references(schema: Any) -> tuple[Reference, ...]:
     return tuple(Reference(r.name, r.subject, r.version) for r in (schema.references or []))
 
 
-def _registered(schema: Schema, schema_id: int) -> RegisteredSchema:
+def _registered(schema: Any, schema_id: int) -> RegisteredSchema:
     return RegisteredSchema(schema_id, schema.schema_type or "AVRO", schema.schema_str, _references(schema))
 
 
