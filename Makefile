@@ -25,9 +25,9 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	python3 -m uv sync --frozen
 	@touch $@
 
-# System packages (nats-server, mosquitto; apt-get when root) and Kafka's jars (Maven Central).
+# System packages (nats-server, mosquitto; apt-get when root), Kafka's jars and the schema registry (Maven Central).
 setup: $(VENV)/.installed
-	$(PY) -c "from ingest_defs.stack import manager; manager.ensure_system_packages(); manager.ensure_kafka_jars()"
+	$(PY) -c "from ingest_defs.stack import manager, registry; manager.ensure_system_packages(); manager.ensure_kafka_jars(); registry.ensure_dist()"
 	$(PY) -m ingest_defs.assets.dbt parse  # dbt/target/manifest.json: the code location loads it, never parses
 
 stack: setup
@@ -43,6 +43,7 @@ demo: stack
 	$(INGEST) produce page_events --count 5000 --bad-fraction 0.01 --seed 7 --key page_loaded
 	$(INGEST) produce jobs --count 3000 --bad-fraction 0.01 --seed 7 --key finished
 	$(INGEST) produce iot_temperature --count 5000 --bad-fraction 0.01 --seed 7
+	$(INGEST) produce orders --count 5000 --bad-fraction 0.01 --seed 7   # Avro via the schema registry
 	$(INGEST) run all
 	$(INGEST) status
 	$(INGEST) show all --rows 5

@@ -187,8 +187,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(reasons)
             print(q.select("_partition", "_offset", "_error").head(args.rows))
         if target.table() is not None:
-            payload_cols = list(spec.payload_schema)
-            print(pl.read_delta(spec.table_uri()).select(
+            rows = pl.read_delta(spec.table_uri())
+            # registry formats: the columns come from the registry schema
+            payload_cols = [c for c in rows.columns if not c.startswith("_")] if spec.uses_registry else list(spec.payload_schema)
+            print(rows.select(
                 *payload_cols, "_stream", "_partition", "_offset", "_timestamp").head(args.rows))
     return 0
 

@@ -210,13 +210,15 @@ class SourceSpec(_Strict):
 
 # ---------------------------------------------------------------- schema
 class ColumnSpec(_Strict):
-    dtype: str
+    dtype: str | None = None  # required for `format: json`; registry formats take it from the registry schema
     nullable: bool = True
     checks: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("dtype")
     @classmethod
-    def _known_dtype(cls, value: str) -> str:
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         name = DTYPE_ALIASES.get(value.lower(), value.lower())
         if name not in DTYPES:
             raise ValueError(f"unknown dtype '{value}'; use one of {', '.join(DTYPES)}")
@@ -239,7 +241,8 @@ class SchemaSpec(_Strict):
 
     @model_validator(mode="after")
     def _columns_or_model(self) -> SchemaSpec:
-        if (self.columns is None) == (self.model is None):
+        # Neither is fine for registry formats (the columns come from the registry): see _check_semantics.
+        if self.columns is not None and self.model is not None:
             raise ValueError("give either `columns` or `model`, not both or neither")
         if self.columns is not None and not self.columns:
             raise ValueError("`columns` is empty; list at least one payload field")
@@ -324,11 +327,51 @@ class MaintenanceSpec(_Strict):
 
 
 
+class SchemaRegistrySecuritySpec(_Strict):
+    """Basic auth and TLS towards the schema registry (secrets as ${ENV} only)."""
+
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+    _password_ref = field_validator("password")(classmethod(lambda cls, v: _secret_ref(v)))
+
+    @model_validator(mode="after")
+    def _user_and_password(self) -> SchemaRegistrySecuritySpec:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+class SchemaRegistrySpec(_Strict):
+    """Where `avro`, `protobuf` and `json_schema` payloads find their schemas (Confluent wire format)."""
+
+    url: str | None = None  # default: $SCHEMA_REGISTRY_URL, else http://localhost:8081/apis/ccompat/v7
+    # Whose newest version is the reader schema: topic_name → `<topic>-value`; record_name → the writer
+    # schema's full record/message name (JSON Schema: its title); topic_record_name → `<topic>-<record>`.
+    subject_name_strategy: Literal["topic_name", "record_name", "topic_record_name"] = "topic_name"
+    # The "topic" of the strategies: default the Kafka topic, the NATS stream; MQTT has none, give `topic`
+    # or `subject`.
+    topic: str | None = None
+    subject: str | None = None  # a fixed reader subject (overrides the strategy)
+    # The schema `ingest produce` registers (when absent) and encodes samples with; relative to the
+    # pipelines file. Also checked when the pipeline loads (unsupported constructs, declared columns).
+    schema_file: str | None = None
+    message: str | None = None  # protobuf: the message type `ingest produce` writes (default: the file's first)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    max_retries: int = Field(default=3, ge=0, le=10)  # transient errors (5xx, 408, 429, connection), backoff
+    security: SchemaRegistrySecuritySpec | None = None
+
+
+REGISTRY_FORMATS = ("avro", "protobuf", "json_schema")
+
+
 class PipelineSpec(_Strict):
     name: str
     source: SourceSpec
-    format: Literal["json"] = "json"
-    schema_: SchemaSpec = Field(alias="schema")
+    format: Literal["json", "avro", "protobuf", "json_schema"] = "json"
+    schema_registry: SchemaRegistrySpec | None = None  # registry formats: defaults apply when absent
+    schema_: SchemaSpec = Field(default_factory=SchemaSpec, alias="schema")
     table: str = Field(min_length=1)
     quarantine_table: str | None = None
     partition_by: list[str] = Field(default_factory=list)
@@ -364,7 +407,16 @@ class PipelineSpec(_Strict):
 
     @cached_property
     def payload_schema(self) -> dict[str, pl.DataType]:
-        return {name: col.dtype.type for name, col in self.pandera_schema.columns.items()}
+        """Declared payload columns (registry formats: only those declared with a dtype)."""
+        return {name: col.dtype.type for name, col in self.pandera_schema.columns.items() if col.dtype is not None}
+
+    @property
+    def uses_registry(self) -> bool:
+        return self.format in REGISTRY_FORMATS
+
+    @property
+    def registry(self) -> SchemaRegistrySpec:
+        return self.schema_registry or SchemaRegistrySpec()
 
     @property
     def keep_raw_payload(self) -> bool:
@@ -422,7 +474,8 @@ def build_pandera_schema(spec: PipelineSpec) -> pa.DataFrameSchema:
     columns = {}
     for name, col in (schema.columns or {}).items():
         checks = [_build_check(spec.name, name, check, arg) for check, arg in col.checks.items()]
-        columns[name] = pa.Column(DTYPES[col.dtype], nullable=col.nullable, checks=checks, required=False)
+        dtype = DTYPES[col.dtype] if col.dtype else None  # None: the registry schema's type (checked at the first run)
+        columns[name] = pa.Column(dtype, nullable=col.nullable, checks=checks, required=False)
     # Extra payload fields never reach the frame (decode reads only schema columns), so strict is
     # enforced in decoding; the frame itself is always exactly the schema's columns.
     return pa.DataFrameSchema(columns, strict=False, name=spec.name)
@@ -525,6 +578,7 @@ def parse_pipeline(name: str, raw: Any, file: Path | None = None) -> PipelineSpe
                           "rename it, e.g. 'user_activity'", file)
     if not isinstance(raw, dict):
         raise ConfigError(name, "(pipeline)", "expected a mapping", "indent the pipeline's keys under its name", file)
+    raw = _resolve_schema_file(raw, file)
     try:
         spec = PipelineSpec.model_validate({**raw, "name": name})
     except ValidationError as exc:
@@ -533,7 +587,24 @@ def parse_pipeline(name: str, raw: Any, file: Path | None = None) -> PipelineSpe
     return spec
 
 
+def _resolve_schema_file(raw: dict[str, Any], file: Path | None) -> dict[str, Any]:
+    """`schema_registry.schema_file` is relative to the pipelines file."""
+    block = raw.get("schema_registry")
+    if file is None or not isinstance(block, dict) or not isinstance(block.get("schema_file"), str):
+        return raw
+    path = Path(block["schema_file"])
+    if path.is_absolute():
+        return raw
+    return {**raw, "schema_registry": {**block, "schema_file": str((file.parent / path).resolve())}}
+
+
 def _check_semantics(spec: PipelineSpec, file: Path | None) -> None:
+    if spec.uses_registry:
+        from ingest_defs.formats import check_spec  # the registry formats' own checks (schema file, subject)
+
+        check_spec(spec, file)
+    else:
+        _check_json_schema_block(spec, file)
     try:
         schema = spec.pandera_schema
     except ConfigError as exc:
@@ -552,6 +623,20 @@ def _check_semantics(spec: PipelineSpec, file: Path | None) -> None:
                           "set batch.max_messages to 65535 or less", file)
     if spec.source.mqtt:
         _reject_overlapping_filters(spec, file)
+
+
+def _check_json_schema_block(spec: PipelineSpec, file: Path | None) -> None:
+    if spec.schema_.columns is None and spec.schema_.model is None:
+        raise ConfigError(spec.name, "schema", "a `format: json` pipeline needs its payload columns",
+                          "give `schema: {columns: {...}}` or `schema: {model: module:Class}` (only avro, protobuf "
+                          "and json_schema take their columns from the schema registry)", file)
+    for name, col in (spec.schema_.columns or {}).items():
+        if col.dtype is None:
+            raise ConfigError(spec.name, f"schema.columns.{name}.dtype", "Field required",
+                              f"add `dtype:` to column '{name}' (one of {', '.join(DTYPES)})", file)
+    if spec.schema_registry is not None:
+        raise ConfigError(spec.name, "schema_registry", "only used by `format: avro | protobuf | json_schema`",
+                          "remove the block, or set the pipeline's format", file)
 
 
 def _reject_overlapping_filters(spec: PipelineSpec, file: Path | None) -> None:

@@ -23,8 +23,9 @@ import polars as pl
 from ulid import ULID
 
 from ingest_defs.config import PipelineSpec
-from ingest_defs.decode import QUARANTINE_SCHEMA, ROW, decode_payloads, standard_columns
+from ingest_defs.decode import QUARANTINE_SCHEMA, ROW, standard_columns
 from ingest_defs.faults import fault_point
+from ingest_defs.formats import Format, format_for
 from ingest_defs.ledger import Ledger, PartitionStats, ledger_rows, partition_stats
 from ingest_defs.partitions import partition_key_at
 from ingest_defs.sink import ConcurrentBatchError, DeltaTableSink
@@ -100,6 +101,14 @@ class BatchRunner:
         self.ctx = ctx or BatchContext()
         self.ledger = ledger
         self._identity: dict[str, str] | None = None
+        self._format: Format | None = None
+
+    @property
+    def format(self) -> Format:
+        """How payloads decode (json, or a schema-registry format); made on first use, then reused."""
+        if self._format is None:
+            self._format = format_for(self.spec)
+        return self._format
 
     def identity(self) -> dict[str, str]:
         if self._identity is None:
@@ -329,7 +338,7 @@ class BatchRunner:
         result.ingested_at = batch_ts
         std = standard_columns(raw, self.spec.source.kind, result.batch_id, batch_ts)
         result.stats = partition_stats(std)
-        decoded = decode_payloads(raw.payloads, self.spec.payload_schema, self.spec.schema_.strict)
+        decoded = self.format.decode(raw.payloads)
         rows = decoded.rows
         std_good = std if not decoded.failures else std.join(rows.select(ROW), on=ROW, how="semi")
         frame = rows.drop(ROW).hstack(std_good)

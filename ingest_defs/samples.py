@@ -29,6 +29,10 @@ class Samples:
 
 def make_samples(spec: PipelineSpec, count: int, bad_fraction: float = 0.0, seed: int | None = None,
                  start_id: int = 0) -> Samples:
+    if spec.uses_registry:  # Avro, Protobuf, JSON Schema in the Confluent wire format
+        from ingest_defs.formats.produce import make_registry_samples
+
+        return make_registry_samples(spec, count, bad_fraction, seed, start_id)
     rng = random.Random(seed)
     schema = spec.pandera_schema
     key_column = _key_column(schema)

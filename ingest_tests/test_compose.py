@@ -139,3 +139,22 @@ def test_dagster_postgres_yaml_matches_embedded_defaults_except_storage() -> Non
     ours.pop("storage")
     theirs.pop("storage", None)
     assert ours == theirs, "deploy/dagster.postgres.yaml drifted from dagster_home/dagster.yaml"
+
+
+def test_schema_registry_matches_the_native_stack(services: dict) -> None:
+    from ingest_defs.stack import registry
+
+    svc = services["schema-registry"]
+    assert svc["image"] == f"apicurio/apicurio-registry:{registry.APICURIO_VERSION}"
+    assert published(svc) == {8081: 8080}  # the native stack's default SCHEMA_REGISTRY_URL port
+    env = svc["environment"]
+    assert env["APICURIO_RULES_GLOBAL_COMPATIBILITY"] == registry.SETTINGS["apicurio.rules.global.compatibility"]
+    assert env["APICURIO_STORAGE_KIND"] == "sql" and env["APICURIO_DATASOURCE_URL"].startswith("jdbc:h2:file:")
+    data_dir = env["APICURIO_DATASOURCE_URL"].removeprefix("jdbc:h2:file:").rsplit("/", 1)[0]
+    assert data_dir in mounts(svc)  # the H2 file lives on a volume: schemas survive restarts
+    assert env["QUARKUS_HTTP_ACCESS_LOG_ENABLED"] == "false"
+    for name in ("dagster-webserver", "dagster-daemon"):
+        dagster = services[name]
+        assert dagster["environment"]["SCHEMA_REGISTRY_URL"] == "http://schema-registry:8080/apis/ccompat/v7"
+        assert "schema-registry" in dagster["depends_on"]
+

@@ -65,6 +65,7 @@ def stack_env(stack_dir: Path, kafka: int, controller: int, nats_port: int, mqtt
         KAFKA_CONTROLLER_PORT=str(controller),
         NATS_URL=f"nats://localhost:{nats_port}",
         MQTT_URL=f"mqtt://localhost:{mqtt_port}",
+        INGEST_STACK_REGISTRY="0",  # the registry's own stack tests are in test_registry_stack.py
     )
     return env
 

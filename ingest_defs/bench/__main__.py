@@ -1,6 +1,6 @@
 """`make bench`: `python -m ingest_defs.bench [section ...] [--quick]`.
 
-Sections (default: all): throughput (Kafka 1M at 1 and 4 partitions, NATS 500k, MQTT 200k, each against
+Sections (default: all): throughput (Kafka 1M at 1 and 4 partitions and as Avro, NATS 500k, MQTT 200k, each against
 the bare client in the same run), overhead (1,000 small batches, maintenance on and off), memory (1M
 and 5M backlogs), freshness (daemon + 5 s sensors, one pipeline, then four together), metrics (the cost of a
 Prometheus scrape with 8 pipelines). The figures go
@@ -39,12 +39,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def throughput(quick: bool) -> list[dict[str, Any]]:
-    from ingest_defs.bench.kafka import bench_kafka
+    from ingest_defs.bench.kafka import bench_kafka, bench_kafka_avro
     from ingest_defs.bench.mqtt import bench_mqtt
     from ingest_defs.bench.nats import bench_nats
 
     scale = 10 if quick else 1
     rows = [bench_kafka(1_000_000 // scale, partitions, 100_000 // scale) for partitions in (1, 4)]
+    rows.append(bench_kafka_avro(1_000_000 // scale, 100_000 // scale))  # the same records as Confluent Avro
     rows += bench_nats(500_000 // scale, 100_000 // scale)
     rows.append(bench_mqtt(200_000 // scale, 50_000 // scale))
     table = Table("throughput", "messages", "bare msg/s", "batch path msg/s", "ratio A", "target",

@@ -235,6 +235,8 @@ class Broker:
 def _brokers(secure: bool = False) -> list[Broker]:
     if secure:
         return _secure_brokers()
+    from ingest_defs.stack import registry  # imports this module
+
     kafka, nats_ep, mqtt = kafka_endpoint(), nats_endpoint(), mqtt_endpoint()
     controller = kafka_controller_port()
     root = stack_dir()
@@ -276,6 +278,7 @@ def _brokers(secure: bool = False) -> list[Broker]:
             write_config=_mosquitto_config,
             root=root,
         ),
+        *([registry.broker(root)] if registry.enabled() else []),  # the schema registry, see stack/registry.py
     ]
 
 
@@ -616,7 +619,8 @@ def _is_ours(b: Broker, pid: int) -> bool:
     if not _alive(pid):
         return False
     argv = _cmdline(pid)
-    return bool(argv) and Path(argv[0]).name == b.binary and str(b.config) in argv
+    config = str(b.config)
+    return bool(argv) and Path(argv[0]).name == b.binary and any(a == config or a.endswith(f"={config}") for a in argv)
 
 
 def _read_pid(b: Broker) -> int | None:
@@ -1123,17 +1127,20 @@ def _read_run(b: Broker) -> dict:
         return {}
 
 
-def down(secure: bool | None = None, prometheus: bool = False) -> int:
+def down(secure: bool | None = None, prometheus: bool = False, only: set[str] | None = None) -> int:
     """Stop the brokers this stack started (pidfiles), SIGTERM then SIGKILL after 20 s.
 
     `secure`: None stops the plain and the secure stack, True only the secure one, False only the plain one.
-    Prometheus stops with the plain stack; `prometheus=True` stops only Prometheus."""
+    Prometheus stops with the plain stack; `prometheus=True` stops only Prometheus.
+    `only`: just these services (by name: kafka, nats, mosquitto, registry, prometheus)."""
     try:
         brokers = [] if secure or prometheus else _brokers()
         if secure is not False and not prometheus and _secure_layout().root.exists():
             brokers += _brokers(secure=True)
         if not secure and (stack_dir() / prometheus_service.NAME).exists():
             brokers += _services(prometheus=True)
+        if only is not None:
+            brokers = [b for b in brokers if b.name in only]
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
