@@ -326,14 +326,17 @@ class BatchRunner:
         """Decode and validate: (rows for the target, rows for the quarantine)."""
         batch_ts = ingested_at or datetime.now(UTC)
         result.ingested_at = batch_ts
-        std = standard_columns(raw, self.spec.source.kind, result.batch_id, batch_ts)
+        failures: dict[int, str] = {}  # batch position → reason: each message's content is judged alone
+        std = standard_columns(raw, self.spec.source.kind, result.batch_id, batch_ts, failures)
         result.stats = partition_stats(std)
         decoded = decode_payloads(raw.payloads, self.spec.payload_schema, self.spec.schema_.strict)
+        failures = {**failures, **decoded.failures}
         rows = decoded.rows
-        std_good = std if not decoded.failures else std.join(rows.select(ROW), on=ROW, how="semi")
+        if failures:
+            rows = rows.filter(~pl.col(ROW).is_in(list(failures)))
+        std_good = std if not failures else std.join(rows.select(ROW), on=ROW, how="semi")
         frame = rows.drop(ROW).hstack(std_good)
         checked = validate(frame, self.spec.pandera_schema, self.spec.name)
-        failures = dict(decoded.failures)
         if checked.failures:
             positions = frame.get_column(ROW)
             for position, reason in checked.failures.items():

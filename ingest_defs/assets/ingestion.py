@@ -23,7 +23,6 @@ from ingest_defs.replay import Replayer, ReplayOutcome
 from ingest_defs.security import redact
 from ingest_defs.sink import DeltaTableSink, SinkError
 from ingest_defs.sources.base import PartitionRange, SourceError
-from ingest_defs.validation import FrameValidationError
 
 BROKER_GROUP = "brokers"
 INGESTION_GROUP = "ingestion"
@@ -162,7 +161,7 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
             try:
                 outcomes = replayer.replay(replayer.batches_for_partitions(keys or [partition_key_at(spec)]))
                 lag = live_lag(source, target)
-            except (SourceError, SinkError, FrameValidationError) as exc:
+            except (SourceError, SinkError) as exc:
                 raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
             finally:
                 source.close()
@@ -180,7 +179,7 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         requested = [PartitionRange(r.app_id, r.partition, r.start, r.end) for r in config.ranges] or None
         try:
             results = runner.run(requested, config.max_batches, config.max_seconds)
-        except (GapError, SourceError, SinkError, FrameValidationError) as exc:
+        except (GapError, SourceError, SinkError) as exc:
             raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
         except Exception as exc:
             # A client library's own error: shown as is, unless it echoes a secret.
