@@ -227,8 +227,9 @@ def _reject_extra_fields(payloads: list[bytes], rows: pl.DataFrame, schema: dict
 def _suspects(joined: bytes, payloads: list[bytes], rows: pl.DataFrame,
               schema: dict[str, pl.DataType]) -> list[int]:
     """Positions of messages the fast path may have read differently from `inspect`: a duplicate schema
-    key, a lone surrogate escape, a key spelled with escapes. Never misses one; on a clean batch it costs
-    one memchr plus one substring count per schema field (no per-message Python work)."""
+    key, a lone surrogate escape, a key spelled with escapes. Never misses one. On a clean batch it costs a
+    memchr and a colon count when the messages hold just the schema's fields, else one substring count per
+    schema field; no per-message Python work either way."""
     tokens, escapes = _key_tokens(tuple(schema))
     if tokens is None:
         return list(range(len(payloads)))  # field names with quotes or backslashes: check every message
@@ -243,6 +244,8 @@ def _suspects(joined: bytes, payloads: list[bytes], rows: pl.DataFrame,
 
     if b"\\" in joined and escapes.search(joined):
         per_row.append(line_series().str.contains(escapes.pattern.decode()))
+    elif _one_key_per_value(joined, rows, schema):
+        return []
     for name, token in zip(schema, tokens, strict=True):
         # Every non-null value needs its key once: more occurrences than that may hide a duplicate key
         # (or are explicit nulls, or the name inside a string): then find the messages holding it twice.
@@ -251,6 +254,19 @@ def _suspects(joined: bytes, payloads: list[bytes], rows: pl.DataFrame,
     if not per_row:
         return []
     return pl.select(pl.any_horizontal(per_row)).to_series().arg_true().to_list()
+
+
+def _one_key_per_value(joined: bytes, rows: pl.DataFrame, schema: dict[str, pl.DataType]) -> bool:
+    """True when the batch provably holds no duplicate key, in one single-byte count: every key has exactly
+    one structural colon, so if the colons are exactly one per non-null value plus those inside the string
+    values, there is no other key at all (no duplicate, extra or nested one). Needs no escapes (a `\\u003a`
+    would hide a colon: the caller checks) and no date or datetime fields (their text is not kept)."""
+    if any(dtype in (pl.Date, pl.Datetime) or isinstance(dtype, pl.Datetime) for dtype in schema.values()):
+        return False
+    values = sum(rows.height - rows.get_column(name).null_count() for name in schema)
+    in_strings = sum(int(rows.get_column(name).str.count_matches(":", literal=True).sum() or 0)
+                     for name, dtype in schema.items() if dtype == pl.String)
+    return joined.count(b":") == values + in_strings
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,15 +20,15 @@ BOUNDED = settings(max_examples=100, deadline=None, database=None, print_blob=Tr
 
 
 @BOUNDED
-@given(fuzzing.payloads())
-def test_a_message_decodes_the_same_alone_and_among_others(message: bytes):
-    fuzzing.check_message_alone_and_among_others(message)
+@given(fuzzing.payloads(), st.booleans())
+def test_a_message_decodes_the_same_alone_and_among_others(message: bytes, with_dates: bool):
+    fuzzing.check_message_alone_and_among_others(message, with_dates)
 
 
 @settings(BOUNDED, max_examples=40)
-@given(st.lists(fuzzing.payloads(), min_size=1, max_size=8))
-def test_decoding_a_batch_never_raises_and_loses_nothing(batch: list[bytes]):
-    outcomes = fuzzing.decode_outcomes(batch)
+@given(st.lists(fuzzing.payloads(), min_size=1, max_size=8), st.booleans())
+def test_decoding_a_batch_never_raises_and_loses_nothing(batch: list[bytes], with_dates: bool):
+    outcomes = fuzzing.decode_outcomes(batch, with_dates)
     for kind, detail in outcomes:
         if kind == "quarantined":
             fuzzing.assert_readable(detail)

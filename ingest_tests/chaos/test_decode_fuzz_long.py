@@ -13,15 +13,15 @@ LONG = settings(max_examples=3000, deadline=None, database=None, print_blob=True
 
 
 @LONG
-@given(fuzzing.payloads())
-def test_a_message_decodes_the_same_alone_and_among_others_long(message: bytes):
-    fuzzing.check_message_alone_and_among_others(message)
+@given(fuzzing.payloads(), st.booleans())
+def test_a_message_decodes_the_same_alone_and_among_others_long(message: bytes, with_dates: bool):
+    fuzzing.check_message_alone_and_among_others(message, with_dates)
 
 
 @settings(LONG, max_examples=800)
-@given(st.lists(fuzzing.payloads(), min_size=1, max_size=30))
-def test_decoding_a_batch_never_raises_and_loses_nothing_long(batch: list[bytes]):
-    for kind, detail in fuzzing.decode_outcomes(batch):
+@given(st.lists(fuzzing.payloads(), min_size=1, max_size=30), st.booleans())
+def test_decoding_a_batch_never_raises_and_loses_nothing_long(batch: list[bytes], with_dates: bool):
+    for kind, detail in fuzzing.decode_outcomes(batch, with_dates):
         if kind == "quarantined":
             fuzzing.assert_readable(detail)
 
