@@ -26,7 +26,6 @@ import math
 import re
 import sys
 import threading
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -169,7 +168,7 @@ def _int_bounds(dtype: pl.DataType) -> tuple[int, int]:
     return INT_MIN, INT_MAX
 
 
-def _out_of_range(name: str, value: Any, dtype: pl.DataType) -> str:
+def _out_of_range(name: str, value: Any, dtype: pl.DataType | str) -> str:
     return f"number out of range for {str(dtype).lower()}: field '{name}' is {_short(value)}"
 
 
@@ -210,7 +209,7 @@ def _reject_extra_fields(payloads: list[bytes], rows: pl.DataFrame, schema: dict
     bad: dict[int, str] = {}
     for i in rows.get_column(ROW).to_list():
         try:
-            keys = set(_parse(payloads[i].decode("utf-8")).obj)
+            keys = set(_parse(payloads[i].decode("utf-8"), watch_keys=False)[0])
         except CONTENT_ERRORS as exc:  # the reader took it, so this should not happen; never fail the batch
             bad[i] = f"cannot check fields: {_describe_exception(exc)}"
             continue
@@ -298,12 +297,44 @@ def inspect(payload: bytes, schema: dict[str, pl.DataType]) -> str | None:
     """Why this payload cannot decode into the schema, or None if it can. Never raises: whatever goes
     wrong while looking at one message becomes that message's reason."""
     try:
-        return _inspect(payload, schema)
+        return _inspect(payload, _fields(tuple(schema.items())))
     except CONTENT_ERRORS as exc:
         return f"cannot decode: {_describe_exception(exc)}"
 
 
-def _inspect(payload: bytes, schema: dict[str, pl.DataType]) -> str | None:
+@dataclass(frozen=True)
+class _Field:
+    """What `inspect` checks of one schema field, worked out once per schema (polars dtype tests are slow)."""
+
+    name: str
+    token: str  # the key as it appears literally in JSON
+    kind: str  # int | float | float32 | bool | text (date, datetime: a string) | any (a string column)
+    low: int = 0
+    high: int = 0
+    dtype: str = ""
+
+
+@functools.lru_cache(maxsize=64)
+def _fields(schema: tuple[tuple[str, pl.DataType], ...]) -> tuple[_Field, ...]:
+    fields = []
+    for name, dtype in schema:
+        if dtype.is_integer():
+            low, high = _int_bounds(dtype)
+            fields.append(_Field(name, json.dumps(name), "int", low, high, str(dtype)))
+        elif dtype == pl.Float32:
+            fields.append(_Field(name, json.dumps(name), "float32", dtype=str(dtype)))
+        elif dtype.is_float():
+            fields.append(_Field(name, json.dumps(name), "float", dtype=str(dtype)))
+        elif dtype == pl.Boolean:
+            fields.append(_Field(name, json.dumps(name), "bool", dtype=str(dtype)))
+        elif dtype in (pl.Date, pl.Datetime) or isinstance(dtype, pl.Datetime):
+            fields.append(_Field(name, json.dumps(name), "text", dtype=str(dtype)))
+        else:
+            fields.append(_Field(name, json.dumps(name), "any", dtype=str(dtype)))
+    return tuple(fields)
+
+
+def _inspect(payload: bytes, fields: tuple[_Field, ...]) -> str | None:
     if not payload.strip(_JSON_WS):
         return "empty value"
     try:
@@ -312,60 +343,85 @@ def _inspect(payload: bytes, schema: dict[str, pl.DataType]) -> str | None:
         return f"not UTF-8: {exc.reason} (byte 0x{payload[exc.start]:02x} at position {exc.start})"
     if text.startswith("\ufeff"):
         return "starts with a byte order mark (BOM): a JSON message must not; remove it at the producer"
-    if "\\" in text:
+    escapes = "\\" in text
+    if escapes and _SURROGATE.search(text):
         reason = _lone_surrogate(text)
         if reason is not None:
             return reason
+    # Duplicate schema keys are looked for only where a key could repeat: a key written twice, or escapes.
+    watch_keys = escapes or any(text.count(f.token) > 1 for f in fields)
     try:
-        parsed = _parse(text)
+        obj, duplicates = _parse(text, watch_keys)
     except _Reject as exc:
         return str(exc)
     except json.JSONDecodeError as exc:
         return f"invalid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
-    obj = parsed.obj
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return f"not an object: the payload is a JSON {_JSON_TYPES.get(type(obj), 'null')}"
-    for key in parsed.duplicate_keys:
-        if key in schema:
-            return f"duplicate key '{key}': JSON readers disagree on which of its values counts"
-    for name, dtype in schema.items():
-        value = obj.get(name)
+    for f in fields:
+        if f.name in duplicates:
+            return f"duplicate key '{f.name}': JSON readers disagree on which of its values counts"
+    for f in fields:
+        value = obj.get(f.name)
         if value is None:
             continue
-        if _wrong_type(value, dtype):
-            return (f"wrong type: field '{name}' is {_JSON_TYPES.get(type(value), 'null')} {_short(value)}, "
-                    f"schema says {dtype}")
-        if _beyond(value, dtype):
-            return _out_of_range(name, value, dtype)
+        kind, kind_of_value = f.kind, type(value)
+        if kind == "int":
+            if kind_of_value is not int:
+                return _wrong_type(f, value)
+            if not f.low <= value <= f.high:
+                return _out_of_range(f.name, value, f.dtype)
+        elif kind in ("float", "float32"):
+            if kind_of_value is not int and kind_of_value is not float:
+                return _wrong_type(f, value)
+            if kind == "float32" and math.isinf(ctypes.c_float(float(value)).value):
+                return _out_of_range(f.name, value, f.dtype)
+        elif kind == "bool":
+            if kind_of_value is not bool:
+                return _wrong_type(f, value)
+        elif kind == "text" and kind_of_value is not str:
+            return _wrong_type(f, value)
     return None
 
 
-@dataclass
-class _Parsed:
-    obj: Any
-    duplicate_keys: list[str]  # keys given more than once in the top-level object
+def _wrong_type(f: _Field, value: Any) -> str:
+    return f"wrong type: field '{f.name}' is {_JSON_TYPES.get(type(value), 'null')} {_short(value)}, schema says {f.dtype}"
 
 
 _recursion_lock = threading.Lock()
+# Numbers the reader refuses or Python cannot hold are long: >= 39 digits, or a 3-digit exponent.
+_LONG_NUMBER = re.compile(r"\d{39}|[eE][-+]?\d{3}")
 
 
-def _parse(text: str) -> _Parsed:
-    """json.loads with the rules of the fast path's reader: no NaN/Infinity, numbers in its range, at most
-    MAX_DEPTH levels (Python's own recursion limit would otherwise decide, depending on the caller's stack)."""
-    objects: list[list[str]] = []
+def _reject_constant(name: str) -> Any:
+    raise _Reject(f"{name} is not valid JSON: send null, or the value as a string")
+
+
+_PLAIN = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _parse(text: str, watch_keys: bool = True) -> tuple[Any, set[str]]:
+    """(value, keys repeated in the top-level object): json with the rules of the fast path's reader, no
+    NaN/Infinity, numbers in its range, at most MAX_DEPTH levels (Python's own recursion limit would
+    otherwise decide, depending on the caller's stack). The hooks run only where they can matter."""
+    objects: list[set[str]] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        counts = Counter(k for k, _ in items)
-        objects.append([k for k, c in counts.items() if c > 1] if len(counts) < len(items) else [])
-        return dict(items)
+        out = dict(items)
+        repeated: set[str] = set()
+        if len(out) < len(items):
+            seen: set[str] = set()
+            for key, _ in items:
+                (repeated if key in seen else seen).add(key)
+        objects.append(repeated)
+        return out
 
-    def loads() -> Any:
-        return json.loads(text, parse_constant=_reject_constant, parse_int=_checked_int,
-                          parse_float=_checked_float, object_pairs_hook=pairs)
-
+    hooked = watch_keys or _LONG_NUMBER.search(text) is not None
+    decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_checked_int, parse_float=_checked_float,
+                               object_pairs_hook=pairs) if hooked else _PLAIN
     brackets = text.count("[") + text.count("{")
     if brackets <= 200:
-        obj = loads()
+        obj = decoder.decode(text)
     else:
         depth = nesting_depth(text)
         if depth > MAX_DEPTH:
@@ -374,11 +430,11 @@ def _parse(text: str) -> _Parsed:
             limit = sys.getrecursionlimit()
             sys.setrecursionlimit(limit + depth + 100)
             try:
-                obj = loads()
+                obj = decoder.decode(text)
             finally:
                 sys.setrecursionlimit(limit)
     # The top-level object is the last one the hook saw (objects close innermost first).
-    return _Parsed(obj, objects[-1] if isinstance(obj, dict) and objects else [])
+    return obj, (objects[-1] if type(obj) is dict and objects else set())
 
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -390,10 +446,6 @@ def nesting_depth(text: str) -> int:
     100,000-level message must not exhaust the stack of the process checking it."""
     brackets = re.sub(r"[^\[\]{}]", "", _STRINGS.sub("", text))
     return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
-
-
-def _reject_constant(name: str) -> Any:
-    raise _Reject(f"{name} is not valid JSON: send null, or the value as a string")
 
 
 def _checked_int(literal: str) -> int:
@@ -414,6 +466,7 @@ def _checked_float(literal: str) -> float:
     return value
 
 
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 # \uXXXX escapes, with `\\` consumed as a pair so that `\\ud800` (a backslash, then text) is not one.
 _ESCAPES = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
 
@@ -441,31 +494,10 @@ def _surrogate_reason(match: re.Match[str]) -> str:
             "character (escape characters above U+FFFF as a high+low pair)")
 
 
-def _wrong_type(value: Any, dtype: pl.DataType) -> bool:
-    if dtype.is_integer():
-        return not isinstance(value, int) or isinstance(value, bool)
-    if dtype.is_float():
-        return not isinstance(value, int | float) or isinstance(value, bool)
-    if dtype == pl.Boolean:
-        return not isinstance(value, bool)
-    if dtype in (pl.Date, pl.Datetime) or isinstance(dtype, pl.Datetime):
-        return not isinstance(value, str)
-    return False  # a string column keeps any JSON value: non-strings as their JSON text
-
-
-def _beyond(value: Any, dtype: pl.DataType) -> bool:
-    if dtype.is_integer():
-        low, high = _int_bounds(dtype)
-        return not low <= value <= high
-    if dtype == pl.Float32:
-        return math.isinf(ctypes.c_float(float(value)).value)
-    return False
-
-
 def _explain(line: bytes, schema: dict[str, pl.DataType]) -> str:
     """Why the reader refused a message `inspect` let through: which field, in words."""
     try:
-        obj = _parse(line.decode("utf-8")).obj
+        obj = _parse(line.decode("utf-8"))[0]
         for name, dtype in schema.items():
             try:
                 pl.read_ndjson(io.BytesIO(line), schema={name: _wide(dtype)})

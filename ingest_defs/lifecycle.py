@@ -85,8 +85,8 @@ class BatchContext:
     log: Callable[[str], None] | None = None
     partition_key: str | None = None  # the run's partition (None: the partition of each batch's plan time)
 
-    def info(self, message: str) -> None:
-        logger.info(message)
+    def info(self, message: str, batch: BatchResult | None = None) -> None:
+        logger.info(message, extra={"batch": batch} if batch is not None else None)  # the CLI's progress reads it
         if self.log:
             self.log(message)
 
@@ -239,7 +239,7 @@ class BatchRunner:
         result.duration_s = time.monotonic() - result.started_monotonic
         results.append(result)
         if result.messages or not self.spec.batch.linger_seconds:  # lingering polls would log every 0.5 s
-            self.ctx.info(result.summary(self.spec.name))
+            self.ctx.info(result.summary(self.spec.name), result)
         return result
 
     # ------------------------------------------------------------ one batch

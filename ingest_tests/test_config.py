@@ -84,7 +84,7 @@ def test_ingest_validate_prints_the_error_and_fails(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True,
                           env={"INGEST_PIPELINES": str(bad), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
-    assert "pipeline 'p'" in proc.stdout and "source.kafka.topic" in proc.stdout
+    assert "pipeline 'p'" in proc.stderr and "source.kafka.topic" in proc.stderr
     good = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True)
     assert good.returncode == 0, good.stdout + good.stderr
 

@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ingest_defs.config import PipelineSpec, expand_env
+from ingest_defs.logs import LIBRDKAFKA
 from ingest_defs.security import kafka_secrets, kafka_security, redact
 from ingest_defs.sources.base import (
     Gap,
@@ -48,7 +49,8 @@ class KafkaSource:
         security, _ = kafka_security(spec)  # the pipeline's `security` block replaces the environment's
         if security:
             client_config = {k: v for k, v in client_config.items() if not k.startswith(("security.", "sasl.", "ssl."))}
-        self.client_config = {**client_config, **security, **passthrough, "error_cb": self._on_client_error}
+        self.client_config = {**client_config, **security, **passthrough, "error_cb": self._on_client_error,
+                              "logger": LIBRDKAFKA}  # librdkafka's lines through Python logging, not stderr
         self.secrets = tuple(kafka_secrets(self.client_config))
         self._client_errors: list[KafkaError] = []
         self._connected = False
@@ -300,7 +302,7 @@ class KafkaSource:
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in result}
 
     def identity(self) -> dict[str, str]:
-        self._check_connection()
+        self._partition_ids()  # a missing topic fails here with the fix, not as a refused describe
         admin = AdminClient(self._admin_config())
         future = admin.describe_topics(TopicCollection([self.topic]))[self.topic]
         try:
