@@ -19,6 +19,7 @@ import polars as pl
 from ingest_defs.decode import CONTENT_ERRORS
 
 MAX_VALIDATIONS = 256  # bisection budget per frame: beyond it, what is left failing is quarantined whole
+VALUE_CHARS = 60  # a failing value is quoted in the reason up to this length
 
 
 @dataclass
@@ -79,15 +80,23 @@ def _check(frame: pl.DataFrame, schema: pa.DataFrameSchema) -> tuple[dict[int, s
     frame_reason = None
     if frame_level.height:
         first = frame_level.row(0, named=True)
-        frame_reason = (f"check failed: {first['column'] or 'frame'} {first['check']} "
-                        f"(value {first['failure_case'] if first['failure_case'] is not None else 'null'})")
+        value = _clip(first["failure_case"]) if first["failure_case"] is not None else "null"
+        frame_reason = f"check failed: {first['column'] or 'frame'} {first['check']} (value {value})"
+    value = pl.col("failure_case").cast(pl.String).fill_null("null")
+    clipped = pl.when(value.str.len_chars() > VALUE_CHARS).then(
+        value.str.slice(0, VALUE_CHARS - 3) + pl.lit("...")).otherwise(value)
     reasons = (
         cases.filter(pl.col("index").is_not_null())
         .with_columns(
             pl.format("check failed: {} {} (value {})", pl.col("column").fill_null("frame"), pl.col("check"),
-                      pl.col("failure_case").fill_null("null")).alias("reason"))
+                      clipped).alias("reason"))
         .group_by("index", maintain_order=True)
         .agg(pl.col("reason").str.join("; "))
     )
     rows = dict(zip(reasons.get_column("index").to_list(), reasons.get_column("reason").to_list(), strict=True))
     return rows, frame_reason
+
+
+def _clip(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 3] + "..."
