@@ -176,7 +176,9 @@ class NatsSourceSpec(_Strict):
     stream: str = Field(min_length=1)
     subject: str = Field(min_length=1)
     durable: str | None = None
-    retention: Literal["limits", "workqueue", "interest"] = "limits"
+    # Omitted: the stream's own, read from the broker at run time (`ingest produce` creates a missing
+    # stream as limits). Stated: a stream with another retention is refused.
+    retention: Literal["limits", "workqueue", "interest"] | None = None
     # workqueue/interest: seconds the broker waits for an ack before redelivering; keep it above the worst
     # batch time (read + decode + validate + both commits). Interest streams wait it out after a crash.
     ack_wait_seconds: float = Field(default=120.0, gt=0, le=86400)
@@ -371,6 +373,7 @@ class PipelineSpec(_Strict):
         if self.keep_raw is not None:
             return self.keep_raw
         nats = self.source.nats
+        # A NATS stream whose retention is not stated may delete what it delivered: keep the payloads too.
         return self.source.mqtt is not None or (nats is not None and nats.retention != "limits")
 
     def table_uri(self, lake_root: str | None = None) -> str:
