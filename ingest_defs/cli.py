@@ -13,7 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ingest_defs.config import REPO_ROOT, ConfigError, PipelineSpec, load_pipelines, pipelines_file
+from ingest_defs.config import (
+    REPO_ROOT,
+    ConfigError,
+    ConfigErrors,
+    PipelineSpec,
+    load_pipelines,
+    pipelines_file,
+)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)  # errors go to stderr: stdout stays clean for scripts
@@ -440,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        mistakes = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+        for mistake in mistakes:
+            err_console.print(f"[red]error:[/] {escape(str(mistake))}", soft_wrap=True)
+        if len(mistakes) > 1:
+            err_console.print(f"{len(mistakes)} mistakes; fix them all, then run `ingest validate` again")
         return 2
     except KeyboardInterrupt:
         return 130
