@@ -96,12 +96,15 @@ def _fast_path(payloads: list[bytes], schema: dict[str, pl.DataType],
         return None
     if frame.height != n:  # e.g. a whitespace-only message is skipped by the reader
         return None
-    rows = frame.with_columns(pl.int_range(0, n, dtype=pl.UInt32).alias(ROW))
-    for i in _suspects(joined, payloads, rows, schema):
-        reason = inspect(payloads[i], schema)
-        if reason is not None:
-            failures[i] = reason
-    return _narrow(rows, schema, failures)
+    try:
+        rows = frame.with_columns(pl.int_range(0, n, dtype=pl.UInt32).alias(ROW))
+        for i in _suspects(joined, payloads, rows, schema):
+            reason = inspect(payloads[i], schema)
+            if reason is not None:
+                failures[i] = reason
+        return _narrow(rows, schema, failures)
+    except CONTENT_ERRORS:  # whatever breaks here on odd content, the isolating path looks at each message
+        return None
 
 
 def _isolating_path(payloads: list[bytes], schema: dict[str, pl.DataType],
