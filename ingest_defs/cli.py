@@ -357,11 +357,16 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     with DagsterInstance.get() as instance:
         for name, spec in specs.items():
             job = build_definitions({name: spec}).resolve_job_def(maintenance_job_name(spec))
+            level = "INFO" if args.verbose else "CRITICAL"  # the trace stays in the run's logs (as `ingest run`)
             result = job.execute_in_process(instance=instance, raise_on_error=False,
-                                            run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+                                            run_config={"loggers": {"console": {"config": {"log_level": level}}}})
             if not result.success:
+                from ingest_defs.cli_output import run_failure
+
                 status = 1
-                console.print(f"[red]{name}: maintenance run {result.run_id} failed[/]")
+                err_console.print(f"[red]error:[/] {escape(run_failure(result))}", soft_wrap=True)
+                err_console.print(f"[dim]{name}: maintenance run {result.run_id} failed; its logs keep the full trace[/]",
+                                  soft_wrap=True)
                 continue
             for event in result.all_events:
                 if event.event_type == DagsterEventType.ASSET_OBSERVATION:
