@@ -131,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   f"(the Dagster UI, or `ingest -v run {name}`)[/]", soft_wrap=True)
             else:
                 console.print(f"{name}: run {result.run_id} done ({progress.count} batches, "
-                              f"{progress.messages:,} messages)")
+                              f"{progress.messages:,} messages)", soft_wrap=True)
     finally:
         batch_log.removeHandler(progress)
     return status
