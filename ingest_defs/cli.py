@@ -162,7 +162,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     specs = _load(args.pipeline if args.pipeline != "all" else None)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
     pl.Config.set_tbl_rows(args.rows)
-    pl.Config.set_fmt_str_lengths(60)
+    pl.Config.set_fmt_str_lengths(400)  # reasons whole: polars wraps them to the width below
     # polars fits its tables to this width (wrapping cells); in CI logs nothing is cut
     pl.Config.set_tbl_width_chars(console.width if console.is_terminal else NOT_A_TERMINAL_WIDTH)
     pl.Config.set_tbl_cols(-1)
