@@ -23,6 +23,7 @@ from ingest_defs.replay import Replayer, ReplayOutcome
 from ingest_defs.security import redact
 from ingest_defs.sink import DeltaTableSink, SinkError
 from ingest_defs.sources.base import PartitionRange, SourceError
+from ingest_defs.status import partition_lag
 
 BROKER_GROUP = "brokers"
 INGESTION_GROUP = "ingestion"
@@ -251,12 +252,7 @@ def live_lag(source: Any, target: DeltaTableSink) -> int | None:
     if any(p.last is None and p.first is None for p in parts) and source.kind == "mqtt":
         return None
     versions = target.versions([p.app_id for p in parts])
-    lag = 0
-    for p in parts:
-        if p.last is not None:
-            v = versions.get(p.app_id)
-            lag += max(0, p.last - ((p.first - 1) if v is None else v))
-    return lag
+    return sum(partition_lag(p, versions.get(p.app_id)) for p in parts)  # as `ingest status` counts it
 
 
 def report_replay(spec: PipelineSpec, keys: list[str], generation: str, outcomes: list[ReplayOutcome],
