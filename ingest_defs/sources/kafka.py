@@ -302,12 +302,14 @@ class KafkaSource:
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in result}
 
     def identity(self) -> dict[str, str]:
-        self._partition_ids()  # a missing topic fails here with the fix, not as a refused describe
+        self._check_connection()
         admin = AdminClient(self._admin_config())
         future = admin.describe_topics(TopicCollection([self.topic]))[self.topic]
         try:
             description = future.result(timeout=15)
         except KafkaException as exc:
+            if isinstance(exc.args[0], KafkaError) and exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                self._partition_ids()  # a missing topic: fails with the fix (create it, or fix the name)
             raise self._denied(f"describing topic '{self.topic}'", exc) from None
         return {"kafka.topic": self.topic, "kafka.topic_id": str(description.topic_id)}
 
