@@ -13,9 +13,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ingest_defs.config import REPO_ROOT, ConfigError, PipelineSpec, load_pipelines, pipelines_file
+from ingest_defs.config import (
+    REPO_ROOT,
+    ConfigError,
+    ConfigErrors,
+    PipelineSpec,
+    load_pipelines,
+    pipelines_file,
+)
 
 console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)  # errors go to stderr: stdout stays clean for scripts
 
 
 def _ensure_dagster_home() -> None:
@@ -59,7 +67,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     source = source_for(spec)
     try:
         source.ensure_exists()
-        samples = make_samples(spec, args.count, args.bad_fraction, seed=args.seed, start_id=args.start_id)
+        samples = make_samples(spec, args.count, args.bad_fraction, seed=args.seed, start_id=args.start_id,
+                               users=args.users)
         if args.key is not None:  # Kafka key, NATS subject token, MQTT topic level for every message
             samples.keys = [args.key.encode()] * len(samples.payloads)
         t0 = time.monotonic()
@@ -73,7 +82,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | None = None,
-                 trigger: str = "cli", quiet: bool = False):
+                 trigger: str = "cli", quiet: bool = False, verbose: bool = False):
     """Run batches of one pipeline through its Dagster job, in this process, on the persistent instance."""
     _ensure_dagster_home()
     from dagster import DagsterInstance
@@ -87,8 +96,11 @@ def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | 
     config = {"trigger": trigger, "max_batches": max_batches, "mode": "live"}
     if max_seconds is not None:
         config["max_seconds"] = max_seconds
+    # Dagster's console logger prints a failure's framework trace (twice): it stays in the run's event log
+    # and shows here only with -v; the command prints the failure's one line itself.
+    level = "INFO" if verbose else "CRITICAL"
     run_config = {"ops": {op_name(spec): {"config": config}},
-                  "loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "WARNING"}}}}
+                  "loggers": {"console": {"config": {"log_level": level}}}}
     with DagsterInstance.get() as instance:
         return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
                                       partition_key=partition_key_at(spec),
@@ -96,102 +108,101 @@ def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ingest_defs.cli_output import BatchProgress, run_failure
+
     specs = _load(None if args.pipeline == "all" else args.pipeline)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
-    handler = _BatchLineHandler()
-    logging.getLogger("ingest.batch").addHandler(handler)
-    logging.getLogger("ingest.batch").setLevel(logging.INFO)
+    progress = BatchProgress(console)
+    batch_log = logging.getLogger("ingest.batch")
+    batch_log.addHandler(progress)
+    batch_log.setLevel(logging.INFO)
     status = 0
-    for name in names:
-        result = run_pipeline(specs[name], args.max_batches, args.max_seconds)
-        if not result.success:
-            status = 1
-            console.print(f"[red]{name}: run {result.run_id} failed[/]")
-            for event in result.all_events:
-                if event.is_failure and event.event_specific_data is not None:
-                    error = getattr(event.event_specific_data, "error", None)
-                    if error is not None:
-                        console.print(f"[red]{error.message.strip()}[/]")
-                        break
-        else:
-            console.print(f"{name}: run {result.run_id} done ({handler.count} batches)")
-        handler.count = 0
+    try:
+        for name in names:
+            progress.start(name)
+            try:
+                result = run_pipeline(specs[name], args.max_batches, args.max_seconds, verbose=args.verbose)
+            finally:
+                progress.stop()
+            if not result.success:
+                status = 1
+                err_console.print(f"[red]error:[/] {escape(run_failure(result))}", soft_wrap=True)
+                err_console.print(f"[dim]{name}: run {result.run_id} failed; its logs keep the full trace "
+                                  f"(the Dagster UI, or `ingest -v run {name}`)[/]", soft_wrap=True)
+            else:
+                console.print(f"{name}: run {result.run_id} done ({progress.count} batches, "
+                              f"{progress.messages:,} messages)", soft_wrap=True)
+    finally:
+        batch_log.removeHandler(progress)
     return status
-
-
-class _BatchLineHandler(logging.Handler):
-    """Prints one summary line per batch as it commits."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if " batch " in message:
-            self.count += 1
-        console.print(message, markup=False, soft_wrap=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ingest_defs.resources.brokers import source_for
-    from ingest_defs.sink import DeltaTableSink
-    from ingest_defs.status import pipeline_figures
+    from ingest_defs.cli_output import print_errors, print_json, print_table, status_records, status_table
+    from ingest_defs.status import read_status
 
     specs = _load(args.pipeline if args.pipeline != "all" else None)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
-    table = Table("pipeline", "source", "broker end", "delta position", "lag", "last batch (UTC)", "quarantined")
-    status = 0
-    for name in names:
-        spec = specs[name]
-        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
-        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
-        source = source_for(spec)
-        try:
-            # the same figures the metrics exporter publishes (ingest_defs/status.py)
-            figures = pipeline_figures(source, target, quarantine)
-            ends = [f"{p.partition}:{_dash(p.broker_end)}" for p in figures.partitions]
-            positions = [f"{p.partition}:{_dash(p.position)}" for p in figures.partitions]
-            last_batch = "-" if figures.last_batch_at is None else f"{figures.last_batch_at:%Y-%m-%d %H:%M:%S}"
-            table.add_row(name, spec.source.kind, " ".join(ends), " ".join(positions), str(figures.lag),
-                          last_batch, str(figures.quarantined_rows))
-        except Exception as exc:  # one broken pipeline must not hide the others
-            status = 1
-            table.add_row(name, spec.source.kind, "[red]unavailable[/]", "", "", "", f"[red]{escape(str(exc))}[/]")
-        finally:
-            source.close()
-    console.print(table)
-    return status
+    statuses = [read_status(specs[name]) for name in names]
+    if args.json:
+        print_json([s.as_dict() for s in statuses])
+    else:
+        print_table(console, status_table(statuses), status_records(statuses))
+        print_errors(err_console, statuses)
+    return 1 if any(s.error for s in statuses) else 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Row counts, quarantined rows with their reasons, and a few rows: what the demo prints."""
     import polars as pl
 
+    from ingest_defs.cli_output import NOT_A_TERMINAL_WIDTH, print_json
     from ingest_defs.sink import DeltaTableSink
 
     specs = _load(args.pipeline if args.pipeline != "all" else None)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
     pl.Config.set_tbl_rows(args.rows)
-    pl.Config.set_fmt_str_lengths(60)
+    pl.Config.set_fmt_str_lengths(400)  # reasons whole: polars wraps them to the width below
+    # polars fits its tables to this width (wrapping cells); in CI logs nothing is cut
+    pl.Config.set_tbl_width_chars(console.width if console.is_terminal else NOT_A_TERMINAL_WIDTH)
+    pl.Config.set_tbl_cols(-1)
+    pl.Config.set_tbl_hide_dataframe_shape(True)
+    pl.Config.set_tbl_hide_column_data_types(True)
+    documents = []
     for name in names:
         spec = specs[name]
         target = DeltaTableSink(spec.table_uri(), spec.name, "target")
         quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
-        console.rule(f"{name}: {spec.table_uri()}")
-        console.print(f"rows: {target.row_count()}   quarantined: {quarantine.row_count()}")
+        doc: dict = {"pipeline": name, "table": spec.table_uri(), "quarantine_table": spec.quarantine_uri(),
+                     "rows": target.row_count(), "quarantined": quarantine.row_count(), "reasons": [],
+                     "quarantine_sample": [], "sample": []}
+        reasons = q = rows = None
         if quarantine.table() is not None:
             q = pl.read_delta(spec.quarantine_uri())
             reasons = (q.with_columns(pl.col("_error").str.split(":").list.first().alias("reason"))
                        .group_by("reason").len().sort("len", descending=True))
-            print(reasons)
-            print(q.select("_partition", "_offset", "_error").head(args.rows))
+            doc["reasons"] = [{"reason": r, "count": c} for r, c in reasons.iter_rows()]
+            doc["quarantine_sample"] = q.select("_partition", "_offset", "_error").head(args.rows).to_dicts()
         if target.table() is not None:
-            rows = pl.read_delta(spec.table_uri())
+            table_rows = pl.read_delta(spec.table_uri())
             # registry formats: the columns come from the registry schema
-            payload_cols = [c for c in rows.columns if not c.startswith("_")] if spec.uses_registry else list(spec.payload_schema)
-            print(rows.select(
-                *payload_cols, "_stream", "_partition", "_offset", "_timestamp").head(args.rows))
+            payload_cols = ([c for c in table_rows.columns if not c.startswith("_")] if spec.uses_registry
+                            else list(spec.payload_schema))
+            rows = table_rows.select(*payload_cols, "_stream", "_partition", "_offset", "_timestamp").head(args.rows)
+            doc["sample"] = rows.to_dicts()
+        if args.json:
+            documents.append(doc)
+            continue
+        console.print(f"[bold]{escape(name)}[/]: {escape(spec.table_uri())}", soft_wrap=True)
+        console.print(f"rows: {doc['rows']}   quarantined: {doc['quarantined']}")
+        if reasons is not None and q is not None:
+            with pl.Config(tbl_rows=-1):  # every kind of reason: there are few
+                print(reasons.rename({"len": "messages"}))
+            print(q.select("_partition", "_offset", "_error").head(args.rows))
+        if rows is not None:
+            print(rows)
+    if args.json:
+        print_json(documents)
     return 0
 
 
@@ -199,6 +210,7 @@ def cmd_batches(args: argparse.Namespace) -> int:
     """The batch ledger: each committed batch's ranges, counts, trigger, versions and run id."""
     import polars as pl
 
+    from ingest_defs.cli_output import print_json, print_table
     from ingest_defs.ledger import Ledger
 
     spec = _load(args.pipeline)[args.pipeline]
@@ -210,7 +222,11 @@ def cmd_batches(args: argparse.Namespace) -> int:
         expr = expr & (pl.col("mode") == "live")
     frame = ledger.frame(expr)
     if frame.is_empty():
-        console.print(f"{spec.name}: no batches in {spec.ledger_uri()}" + (f" for partition {args.partition}" if args.partition else ""))
+        if args.json:
+            print_json([])
+            return 0
+        console.print(f"{spec.name}: no batches in {spec.ledger_uri()}" + (f" for partition {args.partition}" if args.partition else ""),
+                      soft_wrap=True)
         return 0
     batches = (frame.sort("committed_at", "source_partition")
                .with_columns(pl.format("p{}:{}..{}", "source_partition", "range_start", "range_end").alias("range"))
@@ -220,16 +236,32 @@ def cmd_batches(args: argparse.Namespace) -> int:
                     pl.col("target_version").first(), pl.col("first_timestamp").min(), pl.col("last_timestamp").max(),
                     pl.col("run_id").first(), pl.col("committed_at").first())
                .tail(args.limit))
-    table = Table("batch", "partition", "mode", "trigger", "ranges", "msgs", "rows", "quar.", "delta v",
-                  "broker time (UTC)", "run", "status", title=f"{spec.name}: {spec.ledger_uri()}")
+    if args.json:
+        print_json(batches.to_dicts())
+        return 0
+    table = Table()
+    table.add_column("batch", no_wrap=True)
+    for header in ("partition", "mode", "trigger", "ranges"):
+        table.add_column(header, overflow="fold")
+    for header in ("msgs", "rows", "quar.", "delta v"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for header in ("broker time (UTC)", "run", "status"):
+        table.add_column(header, overflow="fold")
+    records = []
     for b in batches.iter_rows(named=True):
         when = "-" if b["first_timestamp"] is None else (
             f"{b['first_timestamp']:%Y-%m-%d %H:%M:%S} → {b['last_timestamp']:%H:%M:%S}")
         mode = b["mode"] if b["mode"] == "live" else f"replay {b['generation']}"
+        run = (b["run_id"] or "-")[:8]
         table.add_row(b["batch_id"], b["partition_key"], mode, b["trigger"], b["range"], str(b["count"]),
                       _dash(b["rows_written"]), _dash(b["rows_quarantined"]), _dash(b["target_version"]), when,
-                      (b["run_id"] or "-")[:8], b["status"])
-    console.print(table)
+                      run, b["status"])
+        records += [f"[bold]{b['batch_id']}[/] {mode} · {b['trigger']} · run {run} · {b['status']}",
+                    f"  partition {b['partition_key']} · delta v{_dash(b['target_version'])} · {b['count']} msgs → "
+                    f"{_dash(b['rows_written'])} rows, {_dash(b['rows_quarantined'])} quarantined",
+                    f"  ranges {b['range']}", f"  broker time {when} UTC"]
+    console.print(f"{escape(spec.name)}: {escape(spec.ledger_uri())}", soft_wrap=True, highlight=False)
+    print_table(console, table, records)
     return 0
 
 
@@ -328,11 +360,16 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     with DagsterInstance.get() as instance:
         for name, spec in specs.items():
             job = build_definitions({name: spec}).resolve_job_def(maintenance_job_name(spec))
+            level = "INFO" if args.verbose else "CRITICAL"  # the trace stays in the run's logs (as `ingest run`)
             result = job.execute_in_process(instance=instance, raise_on_error=False,
-                                            run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+                                            run_config={"loggers": {"console": {"config": {"log_level": level}}}})
             if not result.success:
+                from ingest_defs.cli_output import run_failure
+
                 status = 1
-                console.print(f"[red]{name}: maintenance run {result.run_id} failed[/]")
+                err_console.print(f"[red]error:[/] {escape(run_failure(result))}", soft_wrap=True)
+                err_console.print(f"[dim]{name}: maintenance run {result.run_id} failed; its logs keep the full trace[/]",
+                                  soft_wrap=True)
                 continue
             for event in result.all_events:
                 if event.event_type == DagsterEventType.ASSET_OBSERVATION:
@@ -360,6 +397,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingest", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Dagster's and the broker clients' log lines, and a failed run's full trace")
     sub = parser.add_subparsers(dest="command", required=True)
 
     stack = sub.add_parser("stack", help="the local broker stack (Kafka, NATS JetStream, Mosquitto)")
@@ -373,10 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", help="pipeline name, or 'all'")
     run.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: until caught up)")
     run.add_argument("--max-seconds", type=float, default=None, help="time budget for the run")
+    run.add_argument("-v", "--verbose", action="store_true", dest="run_verbose", help="as `ingest -v run`")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="broker end, Delta position, lag, last batch, quarantined rows")
     status.add_argument("pipeline", nargs="?", default="all")
+    status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     status.set_defaults(func=cmd_status)
 
     produce = sub.add_parser("produce", help="produce sample events for a pipeline's source")
@@ -385,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid messages (0..1)")
     produce.add_argument("--seed", type=int, default=None)
     produce.add_argument("--start-id", type=int, default=0)
+    produce.add_argument("--users", type=int, default=100,
+                         help="draw the `id` (user id) field from this many users, like real traffic; 0: a new id "
+                              "per message (default 100)")
     produce.add_argument("--key", default=None,
                          help="one key for all messages (Kafka key; fills the wildcard of a NATS subject or MQTT topic)")
     produce.set_defaults(func=cmd_produce)
@@ -392,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="row counts, quarantine reasons and a few rows of a pipeline's tables")
     show.add_argument("pipeline", nargs="?", default="all")
     show.add_argument("--rows", type=int, default=5)
+    show.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     show.set_defaults(func=cmd_show)
 
     maintain = sub.add_parser("maintain", help="compact, checkpoint, clean the log and vacuum a pipeline's tables now")
@@ -402,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     batches.add_argument("--partition", default=None, help="only this ingestion-time partition, e.g. 2026-11-27")
     batches.add_argument("--replays", action="store_true", help="also list replays and backfills")
     batches.add_argument("--limit", type=int, default=50, help="the last N batches (default 50)")
+    batches.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     batches.set_defaults(func=cmd_batches)
 
     replay = sub.add_parser("replay", help="re-ingest committed batches in a range with the current schema")
@@ -427,11 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ingest_defs.logs import configure_console
+
     args = build_parser().parse_args(argv)
+    args.verbose = args.verbose or getattr(args, "run_verbose", False)
+    configure_console(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        mistakes = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+        for mistake in mistakes:
+            err_console.print(f"[red]error:[/] {escape(str(mistake))}", soft_wrap=True)
+        if len(mistakes) > 1:
+            err_console.print(f"{len(mistakes)} mistakes; fix them all, then run `ingest validate` again")
         return 2
     except KeyboardInterrupt:
         return 130

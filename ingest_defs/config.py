@@ -5,12 +5,13 @@ Every other module takes a `PipelineSpec`; nothing else reads YAML.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import pandera.polars as pa
 import polars as pl
@@ -68,6 +69,30 @@ class ConfigError(ValueError):
         where = f"pipeline '{pipeline}'" if pipeline else "pipelines file"
         src = f" ({file})" if file else ""
         super().__init__(f"{where}{src}: key '{key}': {problem}. Fix: {fix}")
+
+
+class ConfigErrors(ConfigError):
+    """Every mistake found in the pipelines file at once, each naming its pipeline, key and fix. Behaves as
+    its first mistake where one ConfigError is expected."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = errors
+        first = errors[0]
+        self.pipeline, self.key, self.problem, self.fix, self.file = (first.pipeline, first.key, first.problem,
+                                                                     first.fix, first.file)
+        ValueError.__init__(self, f"{len(errors)} mistakes:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def raise_all(errors: list[ConfigError]) -> None:
+    """Raise the one mistake as it is, several as ConfigErrors; nothing if there is none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+
+
+def _flatten(exc: ConfigError) -> list[ConfigError]:
+    return list(exc.errors) if isinstance(exc, ConfigErrors) else [exc]
 
 
 class _Strict(BaseModel):
@@ -176,7 +201,9 @@ class NatsSourceSpec(_Strict):
     stream: str = Field(min_length=1)
     subject: str = Field(min_length=1)
     durable: str | None = None
-    retention: Literal["limits", "workqueue", "interest"] = "limits"
+    # Omitted: the stream's own, read from the broker at run time (`ingest produce` creates a missing
+    # stream as limits). Stated: a stream with another retention is refused.
+    retention: Literal["limits", "workqueue", "interest"] | None = None
     # workqueue/interest: seconds the broker waits for an ack before redelivering; keep it above the worst
     # batch time (read + decode + validate + both commits). Interest streams wait it out after a crash.
     ack_wait_seconds: float = Field(default=120.0, gt=0, le=86400)
@@ -423,6 +450,7 @@ class PipelineSpec(_Strict):
         if self.keep_raw is not None:
             return self.keep_raw
         nats = self.source.nats
+        # A NATS stream whose retention is not stated may delete what it delivered: keep the payloads too.
         return self.source.mqtt is not None or (nats is not None and nats.retention != "limits")
 
     def table_uri(self, lake_root: str | None = None) -> str:
@@ -467,18 +495,28 @@ def pipelines_file() -> Path:
 
 # ---------------------------------------------------------------- pandera
 def build_pandera_schema(spec: PipelineSpec) -> pa.DataFrameSchema:
-    schema = spec.schema_
+    return _pandera_schema(spec.name, spec.schema_)
+
+
+def _pandera_schema(pipeline: str, schema: SchemaSpec) -> pa.DataFrameSchema:
     if schema.model:
-        model = import_model(spec.name, schema.model)
+        model = import_model(pipeline, schema.model)
         return model.to_schema()
     columns = {}
+    errors: list[ConfigError] = []
     for name, col in (schema.columns or {}).items():
-        checks = [_build_check(spec.name, name, check, arg) for check, arg in col.checks.items()]
+        checks = []
+        for check, arg in col.checks.items():
+            try:
+                checks.append(_build_check(pipeline, name, check, arg))
+            except ConfigError as exc:
+                errors.append(exc)
         dtype = DTYPES[col.dtype] if col.dtype else None  # None: the registry schema's type (checked at the first run)
         columns[name] = pa.Column(dtype, nullable=col.nullable, checks=checks, required=False)
+    raise_all(errors)
     # Extra payload fields never reach the frame (decode reads only schema columns), so strict is
     # enforced in decoding; the frame itself is always exactly the schema's columns.
-    return pa.DataFrameSchema(columns, strict=False, name=spec.name)
+    return pa.DataFrameSchema(columns, strict=False, name=pipeline)
 
 
 def _build_check(pipeline: str, column: str, check: str, arg: Any) -> pa.Check:
@@ -544,14 +582,85 @@ _FIXES = {
 }
 
 
-def _pydantic_to_config_error(name: str, exc: ValidationError, file: Path | None) -> ConfigError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+def _pydantic_to_config_errors(name: str, exc: ValidationError, file: Path | None) -> list[ConfigError]:
+    """Every mistake pydantic found, one per key. An unknown key close to a known one gets "did you mean",
+    and the "field required" that its misspelling caused elsewhere is left out (it would mislead)."""
+    errors = exc.errors()
+    suggested: set[tuple[str, ...]] = set()  # keys an unknown key was probably meant to be
+    for err in errors:
+        loc = _loc(err)
+        if err["type"] == "extra_forbidden" and loc:
+            match = _did_you_mean(loc)
+            if match:
+                suggested.add((*loc[:-1], match))
+    out: list[ConfigError] = []
+    seen: set[tuple[str, ...]] = set()
+    for err in errors:
+        loc = _loc(err)
+        if tuple(loc) in seen or (err["type"] == "missing" and tuple(loc) in suggested):
+            continue
+        seen.add(tuple(loc))
+        out.append(_pydantic_to_config_error(name, err, loc, file))
+    return out
+
+
+def _loc(err: Any) -> list[str]:
+    return [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+
+
+def _did_you_mean(loc: list[str]) -> str | None:
+    """The known key closest to an unknown one at `loc` (e.g. `tabel` → `table`), if one is close."""
+    model = _model_at(loc[:-1])
+    if model is None:
+        return None
+    known = [f.alias or key for key, f in model.model_fields.items() if key != "name" or model is not PipelineSpec]
+    found = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _model_at(path: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the keys at `path` of a pipeline (dict keys such as column names skipped)."""
+    model: type[BaseModel] = PipelineSpec
+    i = 0
+    while i < len(path):
+        field = next((f for key, f in model.model_fields.items() if path[i] in (key, f.alias)), None)
+        if field is None:
+            return None
+        inner, keyed = _model_in(field.annotation)
+        if inner is None:
+            return None
+        model, i = inner, i + (2 if keyed else 1)
+    return model
+
+
+def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the model an annotation holds, whether it is the value of a mapping)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is dict and len(args) == 2:
+        inner, _ = _model_in(args[1])
+        return inner, inner is not None
+    for arg in args:
+        inner, keyed = _model_in(arg)
+        if inner is not None:
+            return inner, keyed
+    return None, False
+
+
+def _pydantic_to_config_error(name: str, err: Any, loc: list[str], file: Path | None) -> ConfigError:
     key = ".".join(loc) or "(pipeline)"
     problem = err["msg"].removeprefix("Value error, ")
     fix = _FIXES.get(err["type"], "correct the value")
     if err["type"] == "extra_forbidden" and loc:
-        fix = f"remove '{loc[-1]}' or fix its spelling (see the README's configuration section)"
+        problem = "unknown key"
+        match = _did_you_mean(loc)
+        fix = (f"did you mean `{match}`? Rename it, or remove '{loc[-1]}'" if match else
+               f"remove '{loc[-1]}' or fix its spelling (see the README's configuration section)")
+    if err["type"] == "literal_error" and isinstance(err.get("input"), str):
+        allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+        close = difflib.get_close_matches(err["input"], allowed, n=1, cutoff=0.6)
+        fix = f"did you mean `{close[0]}`? (one of {', '.join(allowed)})" if close else f"use one of {', '.join(allowed)}"
     if err["type"] == "missing" and loc:
         parent = ".".join(["pipelines", name, *loc[:-1]])
         fix = f"add `{loc[-1]}:` under {parent}"
@@ -573,17 +682,25 @@ def _pydantic_to_config_error(name: str, exc: ValidationError, file: Path | None
 
 
 def parse_pipeline(name: str, raw: Any, file: Path | None = None) -> PipelineSpec:
+    """One pipeline's spec; every mistake in it is reported at once (ConfigErrors when there are several)."""
+    errors: list[ConfigError] = []
     if not PIPELINE_NAME.match(name):
-        raise ConfigError(name, "(name)", "pipeline names must be lower_snake_case",
-                          "rename it, e.g. 'user_activity'", file)
+        errors.append(ConfigError(name, "(name)", "pipeline names must be lower_snake_case",
+                                  "rename it, e.g. 'user_activity'", file))
     if not isinstance(raw, dict):
-        raise ConfigError(name, "(pipeline)", "expected a mapping", "indent the pipeline's keys under its name", file)
+        errors.append(ConfigError(name, "(pipeline)", "expected a mapping",
+                                  "indent the pipeline's keys under its name", file))
+        raise_all(errors)
     raw = _resolve_schema_file(raw, file)
+    invalid: list[ConfigError] = []
     try:
         spec = PipelineSpec.model_validate({**raw, "name": name})
     except ValidationError as exc:
-        raise _pydantic_to_config_error(name, exc, file) from None
-    _check_semantics(spec, file)
+        invalid = _pydantic_to_config_errors(name, exc, file)
+    if invalid:
+        raise_all(errors + invalid + _schema_block_mistakes(name, raw, invalid, file))
+    errors += _check_semantics(spec, file)
+    raise_all(errors)
     return spec
 
 
@@ -598,31 +715,59 @@ def _resolve_schema_file(raw: dict[str, Any], file: Path | None) -> dict[str, An
     return {**raw, "schema_registry": {**block, "schema_file": str((file.parent / path).resolve())}}
 
 
-def _check_semantics(spec: PipelineSpec, file: Path | None) -> None:
-    if spec.uses_registry:
-        from ingest_defs.formats import check_spec  # the registry formats' own checks (schema file, subject)
+def _schema_block_mistakes(name: str, raw: dict[str, Any], found: list[ConfigError],
+                           file: Path | None) -> list[ConfigError]:
+    """The schema block's own mistakes (e.g. a check's argument) when other keys made the pipeline invalid:
+    they would otherwise show only after those are fixed."""
+    if any(e.key.split(".")[0] == "schema" for e in found) or not isinstance(raw.get("schema"), dict):
+        return []
+    try:
+        _pandera_schema(name, SchemaSpec.model_validate(raw["schema"]))
+    except ConfigError as exc:
+        for e in _flatten(exc):
+            e.file = file
+        return _flatten(exc)
+    except ValidationError:
+        return []
+    return []
 
-        check_spec(spec, file)
-    else:
-        _check_json_schema_block(spec, file)
+
+def _check_semantics(spec: PipelineSpec, file: Path | None) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    try:
+        if spec.uses_registry:  # the registry formats' own checks (schema file, subject)
+            from ingest_defs.formats import check_spec
+
+            check_spec(spec, file)
+        else:
+            _check_json_schema_block(spec, file)
+    except ConfigError as exc:
+        for e in _flatten(exc):
+            e.file = e.file or file
+        errors += _flatten(exc)
     try:
         schema = spec.pandera_schema
     except ConfigError as exc:
-        exc.file = file
-        raise
+        for e in _flatten(exc):
+            e.file = file
+        return errors + _flatten(exc)
     for col in spec.partition_by:
         if col not in schema.columns and col not in ("_stream", "_partition", "_source"):
-            raise ConfigError(spec.name, "partition_by", f"'{col}' is not a schema column",
-                              f"use one of {', '.join(schema.columns)} or a standard column like _stream", file)
+            errors.append(ConfigError(spec.name, "partition_by", f"'{col}' is not a schema column",
+                                      f"use one of {', '.join(schema.columns)} or a standard column like _stream", file))
     for col in schema.columns:
         if col.startswith("_"):
-            raise ConfigError(spec.name, f"schema.columns.{col}", "names starting with '_' are reserved for the standard columns",
-                              "rename the field in the schema", file)
+            errors.append(ConfigError(spec.name, f"schema.columns.{col}", "names starting with '_' are reserved for the standard columns",
+                                      "rename the field in the schema", file))
     if spec.source.mqtt and spec.batch.max_messages > 65535:
-        raise ConfigError(spec.name, "batch.max_messages", "MQTT allows at most 65535 messages in flight",
-                          "set batch.max_messages to 65535 or less", file)
+        errors.append(ConfigError(spec.name, "batch.max_messages", "MQTT allows at most 65535 messages in flight",
+                                  "set batch.max_messages to 65535 or less", file))
     if spec.source.mqtt:
-        _reject_overlapping_filters(spec, file)
+        try:
+            _reject_overlapping_filters(spec, file)
+        except ConfigError as exc:
+            errors.append(exc)
+    return errors
 
 
 def _check_json_schema_block(spec: PipelineSpec, file: Path | None) -> None:
@@ -651,7 +796,7 @@ def _reject_overlapping_filters(spec: PipelineSpec, file: Path | None) -> None:
 
 
 def load_pipelines(path: Path | str | None = None) -> dict[str, PipelineSpec]:
-    """Load and check the pipelines file. Raises ConfigError on the first mistake."""
+    """Load and check the pipelines file. Raises ConfigError for a mistake, ConfigErrors listing all of them."""
     file = Path(path) if path else pipelines_file()
     try:
         doc = yaml.safe_load(file.read_text())
@@ -663,11 +808,17 @@ def load_pipelines(path: Path | str | None = None) -> dict[str, PipelineSpec]:
     if not isinstance(doc, dict) or not isinstance(doc.get("pipelines"), dict):
         raise ConfigError(None, "pipelines", "the file must have a top-level `pipelines:` mapping",
                           "put each pipeline under `pipelines: {name: {...}}`", file)
-    extra = set(doc) - {"pipelines"}
-    if extra:
-        raise ConfigError(None, sorted(extra)[0], "unknown top-level key", "only `pipelines:` is allowed at the top", file)
-    specs = {name: parse_pipeline(name, raw, file) for name, raw in doc["pipelines"].items()}
-    _check_unique_tables(specs, file)
+    errors: list[ConfigError] = []
+    for key in sorted(set(doc) - {"pipelines"}):
+        errors.append(ConfigError(None, key, "unknown top-level key", "only `pipelines:` is allowed at the top", file))
+    specs: dict[str, PipelineSpec] = {}
+    for name, raw in doc["pipelines"].items():
+        try:
+            specs[str(name)] = parse_pipeline(str(name), raw, file)
+        except ConfigError as exc:
+            errors += _flatten(exc)
+    errors += _check_unique_tables(specs, file)
+    raise_all(errors)
     return specs
 
 
@@ -678,14 +829,16 @@ def dump_pipelines(specs: list[PipelineSpec]) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _check_unique_tables(specs: dict[str, PipelineSpec], file: Path | None) -> None:
+def _check_unique_tables(specs: dict[str, PipelineSpec], file: Path | None) -> list[ConfigError]:
     seen: dict[str, str] = {}
+    errors: list[ConfigError] = []
     for spec in specs.values():
         for uri in (spec.table_uri(), spec.quarantine_uri(), spec.ledger_uri()):
             if uri in seen:
-                raise ConfigError(spec.name, "table", f"table '{uri}' is also used by pipeline '{seen[uri]}'",
-                                  "give each pipeline its own table", file)
-            seen[uri] = spec.name
+                errors.append(ConfigError(spec.name, "table", f"table '{uri}' is also used by pipeline '{seen[uri]}'",
+                                          "give each pipeline its own table", file))
+            seen.setdefault(uri, spec.name)
+    return errors
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -86,8 +86,8 @@ class BatchContext:
     log: Callable[[str], None] | None = None
     partition_key: str | None = None  # the run's partition (None: the partition of each batch's plan time)
 
-    def info(self, message: str) -> None:
-        logger.info(message)
+    def info(self, message: str, batch: BatchResult | None = None) -> None:
+        logger.info(message, extra={"batch": batch} if batch is not None else None)  # the CLI's progress reads it
         if self.log:
             self.log(message)
 
@@ -248,7 +248,7 @@ class BatchRunner:
         result.duration_s = time.monotonic() - result.started_monotonic
         results.append(result)
         if result.messages or not self.spec.batch.linger_seconds:  # lingering polls would log every 0.5 s
-            self.ctx.info(result.summary(self.spec.name))
+            self.ctx.info(result.summary(self.spec.name), result)
         return result
 
     # ------------------------------------------------------------ one batch
@@ -336,14 +336,17 @@ class BatchRunner:
         """Decode and validate: (rows for the target, rows for the quarantine)."""
         batch_ts = ingested_at or datetime.now(UTC)
         result.ingested_at = batch_ts
-        std = standard_columns(raw, self.spec.source.kind, result.batch_id, batch_ts)
+        failures: dict[int, str] = {}  # batch position → reason: each message's content is judged alone
+        std = standard_columns(raw, self.spec.source.kind, result.batch_id, batch_ts, failures)
         result.stats = partition_stats(std)
         decoded = self.format.decode(raw.payloads)
+        failures = {**failures, **decoded.failures}
         rows = decoded.rows
-        std_good = std if not decoded.failures else std.join(rows.select(ROW), on=ROW, how="semi")
+        if failures:
+            rows = rows.filter(~pl.col(ROW).is_in(list(failures)))
+        std_good = std if not failures else std.join(rows.select(ROW), on=ROW, how="semi")
         frame = rows.drop(ROW).hstack(std_good)
         checked = validate(frame, self.spec.pandera_schema, self.spec.name)
-        failures = dict(decoded.failures)
         if checked.failures:
             positions = frame.get_column(ROW)
             for position, reason in checked.failures.items():

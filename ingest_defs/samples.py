@@ -28,7 +28,10 @@ class Samples:
 
 
 def make_samples(spec: PipelineSpec, count: int, bad_fraction: float = 0.0, seed: int | None = None,
-                 start_id: int = 0) -> Samples:
+                 start_id: int = 0, users: int = 0) -> Samples:
+    """`users` > 0: the `id` field (a user id) comes from a pool of that many users, from `start_id` on, so
+    per-user aggregates see several events, as in real traffic; 0: every message gets its own id
+    (`start_id` + position), which tests use to compare produced and landed messages."""
     if spec.uses_registry:  # Avro, Protobuf, JSON Schema in the Confluent wire format
         from ingest_defs.formats.produce import make_registry_samples
 
@@ -41,7 +44,7 @@ def make_samples(spec: PipelineSpec, count: int, bad_fraction: float = 0.0, seed
     kinds = [k for k in BAD_KINDS if k != "failed_check" or _has_checks(schema)]
     n_bad = 0
     for i in range(count):
-        record = _record(schema, rng, start_id + i)
+        record = _record(schema, rng, start_id + (rng.randrange(users) if users else i))
         key = str(record[key_column]).encode() if key_column else None
         if bad_every and i % bad_every == bad_every - 1:
             kind = kinds[n_bad % len(kinds)]
@@ -77,7 +80,7 @@ def _value(name: str, col: pa.Column, rng: random.Random, n: int) -> Any:
             return rng.choice(sorted(stats["allowed_values"], key=str))
     low, high = _bounds(col)
     if name == "id" and dtype.is_integer():
-        return n  # unique ids make produced and landed sets comparable
+        return n  # the user id: unique per message, or drawn from a pool (make_samples' `users`)
     if name.endswith("_id") and dtype.is_integer():
         return rng.randint(max(int(low), 0), max(int(low), 0) + 9)
     if dtype.is_integer():

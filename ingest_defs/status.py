@@ -1,20 +1,26 @@
 """Where a pipeline stands: the figures `ingest status` prints and the Prometheus exporter publishes.
 
-One function computes them for both (`pipeline_figures`), so the table on the terminal and the graph in
-Grafana can never disagree. It reads the broker's bounds (the source's `state()`), the target table's
-transaction versions, the target's last live commit and the row counts of both tables (from the Delta
-log's file statistics, not a scan). It never writes and never acknowledges anything.
+One pure function computes them for both (`figures_of`, fed by `pipeline_figures`), so the table on the
+terminal, `ingest status --json` and the graph in Grafana can never disagree. The inputs are the broker's
+bounds (the source's `state()`), the target table's transaction versions, the target's last live commit and
+the row counts of both tables (from the Delta log's file statistics, not a scan). Nothing here writes or
+acknowledges anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from deltalake import DeltaTable
 
 from ingest_defs.sink import DeltaTableSink
-from ingest_defs.sources.base import Source
+from ingest_defs.sources.base import PartitionState, Source
+
+if TYPE_CHECKING:
+    from ingest_defs.config import PipelineSpec
 
 LAST_COMMIT_LOOKBACK = 20  # commits searched for the last live batch (replays and maintenance commit too)
 
@@ -61,22 +67,65 @@ def partition_lag(broker_start: int | None, broker_end: int | None, position: in
     return max(0, broker_end - floor)
 
 
+def figures_of(pipeline: str, source_kind: str, states: Iterable[PartitionState],
+               versions: Mapping[str, int | None], last_batch_at: datetime | None, target_rows: int,
+               quarantined_rows: int, knows_bounds: bool = True) -> PipelineFigures:
+    """The figures of one pipeline from the broker's bounds and the target table's versions (pure)."""
+    partitions = [
+        PartitionFigures(s.app_id, s.partition, s.first, s.last, versions.get(s.app_id),
+                         partition_lag(s.first, s.last, versions.get(s.app_id)) if knows_bounds else None)
+        for s in states
+    ]
+    return PipelineFigures(pipeline, source_kind, partitions, last_batch_at, target_rows, quarantined_rows)
+
+
 def pipeline_figures(source: Source, target: DeltaTableSink, quarantine: DeltaTableSink) -> PipelineFigures:
     """The pipeline's figures now. Raises if the broker or a table cannot be read (the caller says which)."""
-    parts = source.state()
-    versions = target.versions([p.app_id for p in parts])
-    knows_bounds = getattr(source, "reports_bounds", True)  # a source that does not say: it does (Kafka, NATS)
-    figures = [
-        PartitionFigures(p.app_id, p.partition, p.first, p.last, versions.get(p.app_id),
-                         partition_lag(p.first, p.last, versions.get(p.app_id)) if knows_bounds else None)
-        for p in parts
-    ]
+    states = source.state()
+    versions = target.versions([s.app_id for s in states])
     table = target.table(refresh=False)  # refreshed by versions() above
-    return PipelineFigures(
-        pipeline=target.pipeline, source=source.kind, partitions=figures,
+    return figures_of(
+        target.pipeline, source.kind, states, versions,
         last_batch_at=None if table is None else last_live_commit(table),
         target_rows=0 if table is None else int(table.count()),
-        quarantined_rows=quarantine.row_count())
+        quarantined_rows=quarantine.row_count(),
+        knows_bounds=getattr(source, "reports_bounds", True))  # a source that does not say: it does
+
+
+@dataclass(frozen=True)
+class PipelineStatus:
+    """What `ingest status` shows for one pipeline: its figures, or why they could not be read."""
+
+    pipeline: str
+    source: str
+    figures: PipelineFigures | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `--json` document: the figures flat beside the name, or the error."""
+        out: dict[str, Any] = {"pipeline": self.pipeline, "source": self.source, "error": self.error}
+        if self.figures is not None:
+            figures = asdict(self.figures)
+            figures.pop("pipeline"), figures.pop("source")
+            figures["lag"] = self.figures.lag
+            figures["last_batch_at"] = self.figures.last_batch_at.isoformat() if self.figures.last_batch_at else None
+            out.update(figures)
+        return out
+
+
+def read_status(spec: PipelineSpec) -> PipelineStatus:
+    """Ask the broker and the tables; a pipeline that cannot be read gets its error, not an exception."""
+    from ingest_defs.resources.brokers import source_for
+
+    source = source_for(spec)
+    try:
+        figures = pipeline_figures(source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
+                                   DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"))
+        return PipelineStatus(spec.name, spec.source.kind, figures)
+    except Exception as exc:  # one broken pipeline must not hide the others
+        return PipelineStatus(spec.name, spec.source.kind, error=str(exc))
+    finally:
+        source.close()
 
 
 def last_live_commit(table: DeltaTable, lookback: int = LAST_COMMIT_LOOKBACK) -> datetime | None:

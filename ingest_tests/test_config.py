@@ -39,7 +39,10 @@ def with_(path: str, value):
         ("schema", {"columns": {"id": {"dtype": "int65"}}}, "schema.columns.id.dtype", "use one of int8"),
         ("schema", {"model": "nowhere.at_all:Model"}, "schema.model", "check the module path"),
         ("schema", {"model": "ingest_defs.config:PipelineSpec"}, "schema.model", "DataFrameModel"),
-        ("on_gap", "ignore", "on_gap", "allowed values"),
+        ("on_gap", "ignore", "on_gap", "use one of fail, skip"),
+        ("on_gap", "skp", "on_gap", "did you mean `skip`?"),
+        ("tabel", "t", "tabel", "did you mean `table`? Rename it"),
+        ("batch", {"max_mesages": 5}, "batch.max_mesages", "did you mean `max_messages`?"),
         ("source", {"kafka": {"topic": "t"}, "nats": {"stream": "s", "subject": "s.>"}}, "source", "one source block"),
         ("schema", {"columns": {"id": {"dtype": "int64", "checks": {"between": 1}}}}, "schema.columns.id.checks", "use one of"),
         ("partition_by", ["nope"], "partition_by", "use one of id"),
@@ -84,7 +87,7 @@ def test_ingest_validate_prints_the_error_and_fails(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True,
                           env={"INGEST_PIPELINES": str(bad), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
-    assert "pipeline 'p'" in proc.stdout and "source.kafka.topic" in proc.stdout
+    assert "pipeline 'p'" in proc.stderr and "source.kafka.topic" in proc.stderr
     good = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True)
     assert good.returncode == 0, good.stdout + good.stderr
 
@@ -175,3 +178,77 @@ def test_credentials_in_a_nats_url_are_never_shown():
     url = "nats://ingest:s3cret@127.0.0.1:4222,tls://tok3n@h:1"
     assert without_userinfo(url) == "nats://127.0.0.1:4222,tls://h:1"
     assert redact(f"cannot connect to {url}", url_secrets(url)).count("***") == 2
+
+
+# ---------------------------------------------------------------- every mistake at once
+MANY_MISTAKES = """\
+pipelines:
+  clicks:
+    source:
+      kafka: {topic: clicks, partitons: 3}
+    schema:
+      columns:
+        id: {dtype: int64}
+        event: {dtype: string, checks: {isin: click}}
+    tabel: bronze/clicks
+    batch: {max_messages: lots}
+  pages:
+    source:
+      nats: {stream: PAGES, subject: "pages.*", retention: workque}
+    shema:
+      columns:
+        page: {dtype: string}
+    table: bronze/pages
+  fine:
+    source: {kafka: {topic: fine}}
+    schema: {columns: {id: {dtype: int65}}}
+    table: bronze/fine
+extra_top: 1
+"""
+EXPECTED = [  # (pipeline, key, part of the fix)
+    (None, "extra_top", "only `pipelines:`"),
+    ("clicks", "source.kafka.partitons", "did you mean `partitions`?"),
+    ("clicks", "batch.max_messages", "whole number"),
+    ("clicks", "tabel", "did you mean `table`?"),
+    ("clicks", "schema.columns.event.checks.isin", "isin: [a, b]"),
+    ("pages", "source.nats.retention", "did you mean `workqueue`?"),
+    ("pages", "shema", "did you mean `schema`?"),
+    ("fine", "schema.columns.id.dtype", "use one of int8"),
+]
+
+
+def test_every_mistake_in_the_file_is_reported_at_once_with_pipeline_key_and_fix(tmp_path: Path):
+    from ingest_defs.config import ConfigErrors
+
+    file = tmp_path / "pipelines.yaml"
+    file.write_text(MANY_MISTAKES)
+    with pytest.raises(ConfigErrors) as err:
+        load_pipelines(file)
+    found = [(e.pipeline, e.key, e.fix) for e in err.value.errors]
+    for pipeline, key, fix in EXPECTED:
+        assert any(p == pipeline and k == key and fix in f for p, k, f in found), (pipeline, key, fix, found)
+    assert len(found) == len(EXPECTED), found
+    # a misspelt key is not also reported as a missing one elsewhere
+    assert not any(k in ("table", "schema") for _, k, _ in found)
+
+
+def test_ingest_validate_prints_every_mistake(tmp_path: Path):
+    file = tmp_path / "pipelines.yaml"
+    file.write_text(MANY_MISTAKES)
+    proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True,
+                          env={"INGEST_PIPELINES": str(file), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(EXPECTED), proc.stderr
+    assert f"{len(EXPECTED)} mistakes" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_one_pipelines_mistakes_all_come_from_parse_pipeline():
+    from ingest_defs.config import ConfigErrors
+
+    raw = {**BASE, "tabel": "x", "on_gap": "ignore", "batch": {"max_messages": 0}}
+    raw.pop("table")
+    with pytest.raises(ConfigErrors) as err:
+        parse_pipeline("p", raw)
+    assert sorted(e.key for e in err.value.errors) == ["batch.max_messages", "on_gap", "tabel"]

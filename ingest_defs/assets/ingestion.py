@@ -23,7 +23,7 @@ from ingest_defs.replay import Replayer, ReplayOutcome
 from ingest_defs.security import redact
 from ingest_defs.sink import DeltaTableSink, SinkError
 from ingest_defs.sources.base import PartitionRange, SourceError
-from ingest_defs.validation import FrameValidationError
+from ingest_defs.status import partition_lag
 
 BROKER_GROUP = "brokers"
 INGESTION_GROUP = "ingestion"
@@ -162,7 +162,7 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
             try:
                 outcomes = replayer.replay(replayer.batches_for_partitions(keys or [partition_key_at(spec)]))
                 lag = live_lag(source, target)
-            except (SourceError, SinkError, FrameValidationError) as exc:
+            except (SourceError, SinkError) as exc:
                 raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
             finally:
                 source.close()
@@ -180,7 +180,7 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         requested = [PartitionRange(r.app_id, r.partition, r.start, r.end) for r in config.ranges] or None
         try:
             results = runner.run(requested, config.max_batches, config.max_seconds)
-        except (GapError, SourceError, SinkError, FrameValidationError) as exc:
+        except (GapError, SourceError, SinkError) as exc:
             raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
         except Exception as exc:
             # A client library's own error: shown as is, unless it echoes a secret.
@@ -252,12 +252,7 @@ def live_lag(source: Any, target: DeltaTableSink) -> int | None:
     if any(p.last is None and p.first is None for p in parts) and source.kind == "mqtt":
         return None
     versions = target.versions([p.app_id for p in parts])
-    lag = 0
-    for p in parts:
-        if p.last is not None:
-            v = versions.get(p.app_id)
-            lag += max(0, p.last - ((p.first - 1) if v is None else v))
-    return lag
+    return sum(partition_lag(p.first, p.last, versions.get(p.app_id)) for p in parts)  # as `ingest status` counts it
 
 
 def report_replay(spec: PipelineSpec, keys: list[str], generation: str, outcomes: list[ReplayOutcome],

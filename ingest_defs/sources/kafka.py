@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ingest_defs.config import PipelineSpec, expand_env
+from ingest_defs.logs import LIBRDKAFKA
 from ingest_defs.security import kafka_secrets, kafka_security, redact
 from ingest_defs.sources.base import (
     Gap,
@@ -49,7 +50,8 @@ class KafkaSource:
         security, _ = kafka_security(spec)  # the pipeline's `security` block replaces the environment's
         if security:
             client_config = {k: v for k, v in client_config.items() if not k.startswith(("security.", "sasl.", "ssl."))}
-        self.client_config = {**client_config, **security, **passthrough, "error_cb": self._on_client_error}
+        self.client_config = {**client_config, **security, **passthrough, "error_cb": self._on_client_error,
+                              "logger": LIBRDKAFKA}  # librdkafka's lines through Python logging, not stderr
         self.secrets = tuple(kafka_secrets(self.client_config))
         self._client_errors: list[KafkaError] = []
         self._connected = False
@@ -307,6 +309,8 @@ class KafkaSource:
         try:
             description = future.result(timeout=15)
         except KafkaException as exc:
+            if isinstance(exc.args[0], KafkaError) and exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                self._partition_ids()  # a missing topic: fails with the fix (create it, or fix the name)
             raise self._denied(f"describing topic '{self.topic}'", exc) from None
         return {"kafka.topic": self.topic, "kafka.topic_id": str(description.topic_id)}
 

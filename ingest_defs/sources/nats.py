@@ -360,7 +360,9 @@ class NatsSource:
         self.stream = source.stream
         self.subject = source.subject
         self.durable = source.durable or f"ingest-{spec.name}"
-        self.retention = source.retention
+        # None: the stream's own, read from the broker before the first plan/read (see _stream_info)
+        self.retention: str | None = source.retention
+        self._stated_retention = source.retention
         self.ack_wait = float(getattr(source, "ack_wait_seconds", None) or DEFAULT_ACK_WAIT_SECONDS)
         self.app_id = f"{spec.name}/nats/{self.stream}"
         # One fixed delivery subject per durable; `push_bound` then tells whether someone else reads it.
@@ -539,10 +541,13 @@ class NatsSource:
                 f"pipeline '{self.spec.name}': NATS stream '{self.stream}' does not exist. Create it (e.g. "
                 f"`ingest produce {self.spec.name} --count 0`) or fix source.nats.stream.") from None
         have = _value(info.config.retention)
-        if have != RETENTION[self.retention].value:
+        if self._stated_retention is None:
+            self.retention = {policy.value: name for name, policy in RETENTION.items()}.get(have, have)
+        elif have != RETENTION[self._stated_retention].value:
             raise SourceError(
                 f"pipeline '{self.spec.name}': stream '{self.stream}' has retention '{have}' but the pipeline says "
-                f"'{self.retention}'. Set source.nats.retention to '{have}' (it decides how the stream is read).")
+                f"'{self._stated_retention}'. Set source.nats.retention to '{have}', or remove it to take the "
+                "stream's (it decides how the stream is read).")
         return info
 
     async def _consumer_info(self) -> Any:
@@ -606,6 +611,8 @@ class NatsSource:
             return RawBatch(payloads=[], offsets=[], partitions=0, streams=[], keys=[], headers=[],
                             timestamps_ms=[], covered=[], lag_after=plan.lag_after)
         (planned,) = plan.ranges
+        if self.retention is None:
+            self._run(self._stream_info())  # the stream's retention decides how it is read
         if self.retention == "limits":
             return self._run(self._read_range(planned, max_bytes))
         self._batches_read += 1
@@ -929,7 +936,8 @@ class NatsSource:
             await js.stream_info(self.stream)
         except NotFoundError:
             await js.add_stream(api.StreamConfig(name=self.stream, subjects=[self.subject],
-                                                 retention=RETENTION[self.retention], storage=api.StorageType.FILE))
+                                                 retention=RETENTION[self.retention or "limits"],
+                                                 storage=api.StorageType.FILE))
         await self._stream_info()  # refuses a stream whose retention differs from the pipeline's
         if self.retention != "limits" and await self._consumer_info() is None:
             # An interest stream keeps only messages some consumer wants: the durable must exist first.
