@@ -141,6 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
     table = Table("pipeline", "source", "broker end", "delta position", "lag", "last batch (UTC)", "quarantined")
     status = 0
+    notes: list[str] = []
     for name in names:
         spec = specs[name]
         target = DeltaTableSink(spec.table_uri(), spec.name, "target")
@@ -160,12 +161,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                     lag += max(0, p.last - floor)
             table.add_row(name, spec.source.kind, " ".join(ends), " ".join(positions), str(lag),
                           _last_commit_time(target), str(quarantine.row_count()))
+            if hasattr(source, "status_note"):  # e.g. MQTT: what the broker dropped (its $SYS counters)
+                notes.append(source.status_note())
         except Exception as exc:  # one broken pipeline must not hide the others
             status = 1
             table.add_row(name, spec.source.kind, "[red]unavailable[/]", "", "", "", f"[red]{escape(str(exc))}[/]")
         finally:
             source.close()
     console.print(table)
+    for note in notes:
+        console.print(note, markup=False, soft_wrap=True)
     return status
 
 
