@@ -490,7 +490,7 @@ class MqttSource:
 
     def read(self, plan: Plan, max_bytes: int) -> RawBatch:
         """Take at most the planned count (≤ max_messages) or `max_bytes`, ending after `idle_ms` without a
-        message or `max_wait_seconds` after it started, whichever comes first. Skips (and acknowledges)
+        message or `max_wait_seconds` after its first message, whichever comes first. Skips (and acknowledges)
         redeliveries already in Delta; see the module docstring."""
         if not plan.ranges:
             return _empty_batch([])
