@@ -299,3 +299,54 @@ def test_broker_drops_are_reported(lake, instance, qos0_broker):
     meta = materialization(result, spec)
     assert (meta["mqtt_broker_dropped_total"], meta["mqtt_broker_dropped_during_run"]) == (70, 0)
     assert_exactly_once(spec, published[:50])
+
+
+def test_a_ledger_written_before_the_qos0_column_gains_it_on_the_next_append(tmp_path: Path):
+    from datetime import UTC, datetime
+
+    from deltalake import write_deltalake
+
+    from ingest_defs.ledger import LEDGER_SCHEMA, ledger_rows
+    from ingest_defs.sources.base import PartitionRange
+
+    def rows(batch: str, qos0: int | None) -> list[dict]:
+        return ledger_rows(pipeline="p", batch_id=batch, partition_key="2026-01-01", mode="live",
+                           status="committed", trigger="t", run_id="r", generation=None,
+                           covered=[PartitionRange("p/mqtt/c", 0, 0, 9)], stats={}, rows_written=10,
+                           rows_quarantined=0, target_version=1, quarantine_version=None,
+                           ingested_at=datetime.now(UTC), qos0_messages=qos0)
+
+    uri = str(tmp_path / "ledger")
+    old_schema = {k: v for k, v in LEDGER_SCHEMA.items() if k != "qos0_messages"}
+    old = pl.DataFrame([{k: v for k, v in r.items() if k in old_schema} for r in rows("b1", None)], schema=old_schema)
+    write_deltalake(uri, old.to_arrow())  # a ledger as the first release wrote it
+    ledger = Ledger(uri, "p")
+    ledger.append(rows("b2", 7))
+    frame = ledger.frame().sort("batch_id")
+    assert frame["batch_id"].to_list() == ["b1", "b2"]
+    assert frame["qos0_messages"].to_list() == [None, 7]
+    assert [b.batch_id for b in ledger.live_batches()] == ["b1", "b2"]
+
+
+def test_a_pipeline_with_probe_off_gets_a_run_per_tick_without_the_sensor_taking_delivery(lake, instance, qos0_broker):
+    from ingest_defs.factory import build_definitions
+    from ingest_defs.resources.brokers import resources_from_env
+
+    spec = mqtt_spec(max_messages=400)
+    spec = spec.model_copy(update={"source": spec.source.model_copy(update={
+        "mqtt": spec.source.mqtt.model_copy(update={"probe": False})})})
+    sensor = build_definitions({spec.name: spec}).resolve_sensor_def(f"{spec.name}_sensor")
+    resources = resources_from_env()
+    with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
+        first = sensor(ctx)  # asks for a run without connecting; the run registers the session
+    assert isinstance(first, dg.RunRequest)
+    assert run_job(spec, instance).success
+    batch, qos = mixed(0, 90)
+    published = publish(spec, batch, qos)
+    for _ in range(2):  # ticks while QoS 0 messages wait: a look at the session would have taken them
+        with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
+            request = sensor(ctx)
+        assert isinstance(request, dg.RunRequest)
+    result = run_job(spec, instance, **request.run_config["ops"][f"ingest_{spec.name}"]["config"])
+    assert result.success, failure_message(result)
+    assert_exactly_once(spec, published)

@@ -29,11 +29,8 @@ def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, so
         return dg.SkipReason(f"{spec.name}: run {active[0].run_id} is still in progress")
     if not getattr(source, "probe", True):
         # Looking would take delivery of what waits (MQTT QoS 0 from a broker that does not upgrade it) and
-        # a sensor cannot keep it: ask for a run, which plans and reads itself. Registers a new session first.
-        try:
-            source.ensure_exists()
-        finally:
-            source.close()
+        # a sensor cannot keep it: ask for a run, which plans and reads itself (and registers a new session).
+        source.close()
         return dg.RunRequest(
             partition_key=partition_key_at(spec),
             run_config={"ops": {op_name(spec): {"config": {"trigger": trigger, "mode": "live"}}}},
