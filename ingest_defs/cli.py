@@ -148,6 +148,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json([s.as_dict() for s in statuses])
     else:
         print_table(console, status_table(statuses), status_records(statuses))
+        for s in statuses:
+            if s.note:  # e.g. MQTT: what the broker dropped (its $SYS counters)
+                console.print(s.note, markup=False, soft_wrap=True)
         print_errors(err_console, statuses)
     return 1 if any(s.error for s in statuses) else 0
 

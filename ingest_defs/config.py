@@ -212,8 +212,12 @@ class NatsSourceSpec(_Strict):
 
 class MqttSourceSpec(_Strict):
     topics: list[str] = Field(min_length=1)
-    qos: Literal[1] = 1
+    qos: Literal[1] = 1  # of the subscription; what a QoS 0 publish gets is in the README's QoS table
     client_id: str | None = None
+    # The sensor looks for waiting messages by connecting the pipeline's session. A broker that delivers QoS 0
+    # (no `upgrade_outgoing_qos`) sends queued QoS 0 messages to that look, which cannot keep them: false
+    # makes the sensor request a run each tick instead, without connecting.
+    probe: bool = True
     session_expiry_seconds: int = Field(default=604800, gt=0)
     security: MqttSecuritySpec | None = None
 
@@ -280,7 +284,11 @@ class SchemaSpec(_Strict):
 class BatchSpec(_Strict):
     max_messages: int = Field(default=100_000, ge=1, le=10_000_000)
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    idle_ms: int = Field(default=500, ge=10, description="MQTT: end the batch after this long without a message")
+    idle_ms: int = Field(default=500, ge=10,
+                         description="MQTT, NATS work-queue/interest: end the batch after this long without a message")
+    # Those sources' batches stay open while messages keep coming: end every batch this long after it started
+    # (then commit, acknowledge, and go on with the next). Bounds freshness and the unacknowledged window.
+    max_wait_seconds: float = Field(default=10.0, gt=0, le=3600)
     # Catch-up mode: one run executes consecutive batches until caught up or this budget is spent.
     max_run_seconds: float = Field(default=300.0, gt=0)
     # Once caught up, a run keeps polling the broker until no message came for this long (or the budget is

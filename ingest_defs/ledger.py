@@ -54,6 +54,9 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "ingested_at": TS,  # `_ingested_at` of the batch's rows (replays keep it)
     "committed_at": TS,
     "started_at": TS,  # live batches: when the batch began reading (batch duration = committed_at - started_at)
+    # MQTT: messages delivered at QoS 0 (at most once; null for other sources). Added after the first
+    # release: ledgers written before it gain the column on their next append (older rows null).
+    "qos0_messages": pl.Int64(),
 }
 
 
@@ -140,7 +143,8 @@ class Ledger:
                 table = self.table()
                 # merge: a ledger made before a column was added gains it (older rows read as null)
                 write_deltalake(table if table is not None else self.uri, frame.to_arrow(), mode="append",
-                                schema_mode="merge", commit_properties=props, storage_options=None if table is not None else self.storage_options)
+                                schema_mode="merge",  # ledgers from before a column was added gain it
+                                commit_properties=props, storage_options=None if table is not None else self.storage_options)
                 return
             except CommitFailedError:
                 if attempt == 4:
@@ -208,14 +212,16 @@ class Ledger:
             trigger=commit.get("ingest.trigger") or "", run_id=commit.get("ingest.run_id") or "", generation=None,
             covered=ranges, stats=stats, rows_written=None, rows_quarantined=None,
             target_version=commit["version"], quarantine_version=int(qv) if qv else None,
-            ingested_at=_parse_ts(commit.get("ingest.ingested_at")), committed_at=committed_at)
+            ingested_at=_parse_ts(commit.get("ingest.ingested_at")), committed_at=committed_at,
+            qos0_messages=json.loads(commit.get("ingest.counters") or "{}").get("qos0_messages"))
 
 
 def ledger_rows(*, pipeline: str, batch_id: str, partition_key: str, mode: str, status: str, trigger: str,
                 run_id: str, generation: str | None, covered: Iterable[PartitionRange],
                 stats: dict[int, PartitionStats], rows_written: int | None, rows_quarantined: int | None,
                 target_version: int | None, quarantine_version: int | None, ingested_at: datetime | None,
-                committed_at: datetime | None = None, started_at: datetime | None = None) -> list[dict[str, Any]]:
+                committed_at: datetime | None = None, started_at: datetime | None = None,
+                qos0_messages: int | None = None) -> list[dict[str, Any]]:
     """The ledger rows of one batch: one per source partition it covered."""
     committed_at = committed_at or datetime.now(UTC)
     out = []
@@ -231,6 +237,7 @@ def ledger_rows(*, pipeline: str, batch_id: str, partition_key: str, mode: str, 
             "last_timestamp": s.last_ts, "rows_written": rows_written, "rows_quarantined": rows_quarantined,
             "target_version": target_version, "quarantine_version": quarantine_version,
             "ingested_at": ingested_at, "committed_at": committed_at, "started_at": started_at,
+            "qos0_messages": qos0_messages,
         })
     return out
 

@@ -65,15 +65,18 @@ class BatchResult:
     partition_key: str = ""  # the ingestion-time partition the batch belongs to
     ingested_at: datetime | None = None  # `_ingested_at` of its rows
     stats: dict[int, PartitionStats] = field(default_factory=dict)  # per source partition, for the ledger
+    counters: dict[str, int] = field(default_factory=dict)  # source-specific counts (MQTT: qos0_messages)
+    ended_by: str | None = None  # why an open (unbounded) batch ended: max_messages, idle, max_wait, ...
 
     def summary(self, pipeline: str) -> str:
         ranges = ", ".join(f"p{r.partition}:{r.start}..{r.end}" for r in self.covered if r.count) or "-"
         if self.skipped:
             return f"{pipeline} batch {self.batch_id}: skipped ({self.skipped}) ranges {ranges}"
         rate = self.messages / self.duration_s if self.duration_s else 0.0
+        ended = f" | ended by {self.ended_by}" if self.ended_by else ""
         return (f"{pipeline} batch {self.batch_id}: {ranges} | {self.messages} msgs → {self.rows_written} rows, "
                 f"{self.rows_quarantined} quarantined | delta v{self.target_version} | lag {self.lag_after} | "
-                f"{self.duration_s:.2f}s ({rate:,.0f} msg/s)")
+                f"{self.duration_s:.2f}s ({rate:,.0f} msg/s){ended}")
 
 
 @dataclass
@@ -85,11 +88,17 @@ class BatchContext:
     mode: str = "live"
     log: Callable[[str], None] | None = None
     partition_key: str | None = None  # the run's partition (None: the partition of each batch's plan time)
+    log_warning: Callable[[str], None] | None = None
 
     def info(self, message: str, batch: BatchResult | None = None) -> None:
         logger.info(message, extra={"batch": batch} if batch is not None else None)  # the CLI's progress reads it
         if self.log:
             self.log(message)
+
+    def warning(self, message: str) -> None:
+        logger.warning(message)
+        if self.log_warning:
+            self.log_warning(message)
 
 
 class BatchRunner:
@@ -203,6 +212,8 @@ class BatchRunner:
                         last = results[-1]
                         if not last.safe_to_ack or (last.messages == 0 and not lingering()):
                             break  # unbounded sources: nothing more right now, or re-plan in a later run
+                        if last.ended_by == "idle" and not linger:
+                            break  # caught up (idle_ms without a message): as a bounded plan with no lag left
                         if last.messages == 0:
                             results.pop()  # an empty poll while lingering: not a batch worth reporting
                     done = len(results) + (inflight is not None)
@@ -215,7 +226,23 @@ class BatchRunner:
             finally:
                 if inflight is not None:
                     self._finish(*inflight, results)
+        self._drain(results)
         return results
+
+    def _drain(self, results: list[BatchResult]) -> None:
+        """A source that would lose delivered messages on close (MQTT QoS 0) hands them over as a last batch."""
+        drain = getattr(self.source, "drain", None)
+        if drain is None:
+            return
+        self.target.table(refresh=True)
+        raw = drain(self.target.version_of)
+        if raw is None or not len(raw):
+            return
+        result = BatchResult(batch_id=str(ULID()), planned=list(raw.covered), started_at=time.time(),
+                             started_monotonic=time.monotonic(),
+                             partition_key=self.ctx.partition_key or partition_key_at(self.spec))
+        self._describe(result, raw, Plan(ranges=list(raw.covered), bounded=False))
+        self._finish(result, raw, None, results)
 
     def repair_ledger(self) -> None:
         """Record batches a crash left without their ledger row (committed to the target, not to the ledger)."""
@@ -249,6 +276,9 @@ class BatchRunner:
         results.append(result)
         if result.messages or not self.spec.batch.linger_seconds:  # lingering polls would log every 0.5 s
             self.ctx.info(result.summary(self.spec.name), result)
+        if result.target_version is not None:
+            for warning in raw.warnings:
+                self.ctx.warning(f"{warning} (batch {result.batch_id})")
         return result
 
     # ------------------------------------------------------------ one batch
@@ -265,14 +295,19 @@ class BatchRunner:
         raw = self.source.read(plan, self.spec.batch.max_bytes)
         result.stage_s["read"] = time.monotonic() - result.started_monotonic
         fault_point("after_read")
+        self._describe(result, raw, plan)
+        return result, raw
+
+    @staticmethod
+    def _describe(result: BatchResult, raw: RawBatch, plan: Plan) -> None:
         result.covered, result.messages, result.nbytes = raw.covered, len(raw), raw.nbytes
+        result.counters, result.ended_by = dict(raw.counters), raw.ended_by
         if raw.lag_after is not None:
             result.lag_after = raw.lag_after
         elif plan.bounded:
             result.lag_after = plan.lag_after + sum(p.count - c.count for p, c in zip(plan.ranges, raw.covered, strict=False))
         else:
             result.lag_after = plan.lag_after
-        return result, raw
 
     def _write(self, result: BatchResult, raw: RawBatch) -> BatchResult:
         """Decode, validate, fence against Delta, commit quarantine then target. No acknowledgement."""
@@ -328,7 +363,8 @@ class BatchRunner:
             covered=raw.covered, stats=result.stats, rows_written=result.rows_written,
             rows_quarantined=result.rows_quarantined, target_version=result.target_version,
             quarantine_version=result.quarantine_version, ingested_at=result.ingested_at,
-            started_at=datetime.fromtimestamp(result.started_at, UTC)),
+            started_at=datetime.fromtimestamp(result.started_at, UTC),
+            qos0_messages=result.counters.get("qos0_messages")),
             target_version=result.target_version)
 
     def _rows(self, raw: RawBatch, result: BatchResult,
@@ -407,6 +443,8 @@ class BatchRunner:
             "ingest.ranges": json.dumps([r.as_dict() for r in raw.covered]),
             "ingest.partition_key": result.partition_key,
             "ingest.ingested_at": result.ingested_at.isoformat() if result.ingested_at else None,
+            "ingest.counters": json.dumps(result.counters) if result.counters else None,
+            "ingest.ended_by": result.ended_by,
         }
 
 

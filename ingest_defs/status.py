@@ -100,10 +100,12 @@ class PipelineStatus:
     source: str
     figures: PipelineFigures | None = None
     error: str | None = None
+    note: str | None = None  # what the source adds (MQTT: messages the broker says it dropped)
 
     def as_dict(self) -> dict[str, Any]:
         """The `--json` document: the figures flat beside the name, or the error."""
-        out: dict[str, Any] = {"pipeline": self.pipeline, "source": self.source, "error": self.error}
+        out: dict[str, Any] = {"pipeline": self.pipeline, "source": self.source, "error": self.error,
+                               "note": self.note}
         if self.figures is not None:
             figures = asdict(self.figures)
             figures.pop("pipeline"), figures.pop("source")
@@ -121,7 +123,8 @@ def read_status(spec: PipelineSpec) -> PipelineStatus:
     try:
         figures = pipeline_figures(source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
                                    DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"))
-        return PipelineStatus(spec.name, spec.source.kind, figures)
+        note = source.status_note() if hasattr(source, "status_note") else None
+        return PipelineStatus(spec.name, spec.source.kind, figures, note=note)
     except Exception as exc:  # one broken pipeline must not hide the others
         return PipelineStatus(spec.name, spec.source.kind, error=str(exc))
     finally:

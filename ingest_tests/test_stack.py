@@ -422,6 +422,9 @@ def test_shared_mosquitto_config_never_drops_queued_messages() -> None:
     assert conf["autosave_on_changes"] == "false"  # per-change autosave rewrites the whole db
     assert conf["allow_anonymous"] == "true"
     assert conf["persistent_client_expiration"].endswith(("d", "w", "m", "y"))
+    # QoS 0 publishes reach the QoS 1 subscriptions at QoS 1: queued inside max_queued_bytes, redelivered
+    assert conf["upgrade_outgoing_qos"] == "true"
+    assert conf.get("queue_qos0_messages", "false") == "false"  # unbounded in 2.0.11 (see the config file)
 
 
 def test_addresses_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

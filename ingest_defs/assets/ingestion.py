@@ -174,12 +174,19 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         runner = BatchRunner(
             spec, source, target, quarantine,
             BatchContext(run_id=context.run.run_id, trigger=config.trigger, mode="live", log=context.log.info,
-                         partition_key=keys[0] if keys else None),
+                         partition_key=keys[0] if keys else None, log_warning=context.log.warning),
             ledger=ledger,
         )
         requested = [PartitionRange(r.app_id, r.partition, r.start, r.end) for r in config.ranges] or None
+        broker_loss: dict[str, Any] = {}
         try:
+            # MQTT: the broker's own dropped-message counter, before and after (loss we cannot count ourselves)
+            watch = source.loss_watch() if hasattr(source, "loss_watch") else None
             results = runner.run(requested, config.max_batches, config.max_seconds)
+            if watch is not None:
+                broker_loss, warning = watch.finish()
+                if warning:
+                    context.log.warning(warning)
         except (GapError, SourceError, SinkError) as exc:
             raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
         except Exception as exc:
@@ -191,12 +198,12 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
             raise
         finally:
             source.close()
-        yield from report(spec, results)
+        yield from report(spec, results, broker_loss)
 
     return _ingest
 
 
-def report(spec: PipelineSpec, results: list[BatchResult]) -> Any:
+def report(spec: PipelineSpec, results: list[BatchResult], extra: dict[str, Any] | None = None) -> Any:
     """Materializations and check results of one run (one or more batches)."""
     tkey, qkey = target_key(spec), quarantine_key(spec)
     messages = sum(r.messages for r in results)
@@ -228,6 +235,14 @@ def report(spec: PipelineSpec, results: list[BatchResult]) -> Any:
     skipped = [r.skipped for r in results if r.skipped]
     if skipped:
         metadata["skipped"] = dg.MetadataValue.json(skipped)
+    counters: Counter[str] = Counter()
+    for r in results:
+        counters.update(r.counters)
+    metadata.update({name: counters[name] for name in sorted({k for r in results for k in r.counters})})
+    ended = Counter(r.ended_by for r in results if r.ended_by)
+    if ended:  # sources whose batches stay open: what closed them (max_messages, idle, max_wait, ...)
+        metadata["batches_ended_by"] = dg.MetadataValue.json(dict(ended))
+    metadata.update(extra or {})
     yield dg.MaterializeResult(asset_key=tkey, metadata={k: v for k, v in metadata.items() if v is not None})
     if quarantined:
         qversions = [r.quarantine_version for r in results if r.quarantine_version is not None]

@@ -2,8 +2,9 @@
 
 Sections (default: all): throughput (Kafka 1M at 1 and 4 partitions and as Avro, NATS 500k, MQTT 200k, each against
 the bare client in the same run), overhead (1,000 small batches, maintenance on and off), memory (1M
-and 5M backlogs), freshness (daemon + 5 s sensors, one pipeline, then four together), metrics (the cost of a
-Prometheus scrape with 8 pipelines). The figures go
+and 5M backlogs), freshness (daemon + 5 s sensors, one pipeline, then four together, uniform and bursty
+traffic), metrics (the cost of a Prometheus scrape with 8 pipelines), soak (the shipped pipelines under
+`dagster dev` for 30 minutes, `--soak-minutes`). The figures go
 to `<lake>/_bench/results.json` and a chart to `<lake>/_bench/results.png`; how each is defined is in
 the README's performance section. `--quick` runs every section at a tenth of the size (a smoke run).
 """
@@ -30,7 +31,7 @@ from ingest_defs.config import lake_root
 console = Console(width=max(Console().width, 150))  # wide tables even when the output goes to a file
 
 
-SECTIONS = ["throughput", "overhead", "memory", "freshness", "metrics"]
+SECTIONS = ["throughput", "overhead", "memory", "freshness", "metrics", "soak"]
 TARGETS = {"kafka": 0.7, "nats": 0.8, "mqtt": 0.9}  # ratio A targets (facts.md)
 
 
@@ -95,17 +96,23 @@ def memory(quick: bool) -> list[dict[str, Any]]:
 
 def freshness(quick: bool) -> list[dict[str, Any]]:
     from ingest_defs.bench.freshness import bench_freshness
+    from ingest_defs.bench.traffic import bursty, uniform
 
     seconds = 30 if quick else 150
-    rows = bench_freshness(["kafka"], seconds=seconds)
-    rows += bench_freshness(["kafka", "nats", "nats_workqueue", "mqtt"], seconds=seconds)
-    rows += bench_freshness(["kafka"], seconds=seconds, linger=30)  # what batch.linger_seconds buys
-    table = Table("pipeline", "together", "linger s", "published", "landed", "p50 s", "p95 s", "max s", "runs",
-                  "queue+start s", "run s", title="Freshness: publish → visible in Delta (5 s sensors; target p95 ≤ 15 s)")
+    four = ["kafka", "nats", "nats_workqueue", "mqtt"]
+    steady, bursts = uniform(200), bursty(200, every=5)  # the same 200 msg/s: every 5 ms, or 1,000 every 5 s
+    rows = bench_freshness(["kafka"], seconds=seconds, shape=steady)
+    rows += bench_freshness(four, seconds=seconds, shape=steady)
+    rows += bench_freshness(four, seconds=seconds, shape=bursts)
+    rows += bench_freshness(["kafka"], seconds=seconds, shape=steady, linger=30)  # what batch.linger_seconds buys
+    table = Table("pipeline", "shape", "together", "linger s", "published", "landed", "p50 s", "p95 s", "max s",
+                  "runs", "queue+start s", "run s",
+                  title="Freshness: publish → visible in Delta (5 s sensors; target p95 ≤ 15 s)")
     for r in rows:
-        table.add_row(r["pipeline"], str(r["pipelines_together"]), f"{r['linger_s']:g}", f"{r['published']:,}", f"{r['landed']:,}",
-                      _fmt(r["p50_s"], ".1f"), _fmt(r["p95_s"], ".1f"), _fmt(r["max_s"], ".1f"), str(r["runs"]),
-                      _fmt(r["run_queue_and_start_s_median"], ".1f"), _fmt(r["run_duration_s_median"], ".1f"))
+        table.add_row(r["pipeline"], r["shape"], str(r["pipelines_together"]), f"{r['linger_s']:g}",
+                      f"{r['published']:,}", f"{r['landed']:,}", _fmt(r["p50_s"], ".1f"), _fmt(r["p95_s"], ".1f"),
+                      _fmt(r["max_s"], ".1f"), str(r["runs"]), _fmt(r["run_queue_and_start_s_median"], ".1f"),
+                      _fmt(r["run_duration_s_median"], ".1f"))
     console.print(table)
     return rows
 
@@ -124,6 +131,40 @@ def metrics(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def soak(quick: bool, minutes: float | None = None) -> dict[str, Any]:
+    from ingest_defs.bench.soak import bench_soak
+
+    result = bench_soak(minutes=minutes or (3 if quick else 30))
+    table = Table("pipeline", "source", "published", "landed", "quarantined", "target versions/files",
+                  "ledger versions/files", "freshness p50 / p95 / max s by window",
+                  title=f"Soak: shipped pipelines under dagster dev, {result['minutes']:g} min, "
+                        f"{result['rate_per_s']:g} msg/s each")
+    for p in result["pipelines"]:
+        t, led = p["tables"]["target"], p["tables"]["ledger"]
+        fresh = "  ".join(f"{w['window_start_min']:g}m: {w['p50_s']:.1f}/{w['p95_s']:.1f}/{w['max_s']:.1f}"
+                          for w in p["freshness"])
+        table.add_row(p["pipeline"], p["source"], f"{p['published']:,}", f"{p['landed']:,}", f"{p['quarantined']:,}",
+                      f"{_fmt(t['version'], 'd')}/{t['files']}", f"{_fmt(led['version'], 'd')}/{led['files']}", fresh)
+    console.print(table)
+    runs = Table("job", "runs", "failed", title="Soak: runs")
+    for job, figures in sorted(result["runs"].items()):
+        runs.add_row(job, str(figures["runs"]), str(figures["failed"]))
+    console.print(runs)
+    rss = Table("minute", "daemon MB", "webserver MB", "code server MB", "its proxy MB", "runs (MB)",
+                title="Soak: RSS")
+    for s in result["rss_samples"]:
+        mb = s["rss_mb"]
+        rss.add_row(f"{s['minute']:g}", f"{mb['daemon']:.0f}", f"{mb['webserver']:.0f}", f"{mb['code_server']:.0f}",
+                    f"{mb['code_server_proxy']:.0f}", f"{s['processes']['run']} ({mb['run']:.0f})")
+    console.print(rss)
+    for role, g in result["rss_growth"].items():
+        if g:
+            console.print(f"{role}: {g['first_mb']:.0f} → {g['last_mb']:.0f} MB (peak {g['peak_mb']:.0f}); slope "
+                          f"{g['slope_first_half_mb_per_min']} MB/min in the first half, "
+                          f"{g['slope_second_half_mb_per_min']} MB/min in the second")
+    return result
+
+
 def _delete_bench_topics() -> None:
     """The Kafka topics of this and earlier bench runs (NATS streams are deleted by their section)."""
     from confluent_kafka.admin import AdminClient
@@ -131,7 +172,7 @@ def _delete_bench_topics() -> None:
     from ingest_defs.bench.kafka import BOOTSTRAP
 
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    topics = [t for t in admin.list_topics(timeout=15).topics if t.startswith(("bench_", "fresh_"))]
+    topics = [t for t in admin.list_topics(timeout=15).topics if t.startswith(("bench_", "fresh_", "soak_"))]
     if topics:
         for future in admin.delete_topics(topics, operation_timeout=30).values():
             future.result()
@@ -142,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sections", nargs="*", metavar="section", help=f"any of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the scratch tables and logs")
+    parser.add_argument("--soak-minutes", type=float, default=None,
+                        help="how long the soak runs (default 30; 3 with --quick)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -151,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
                                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     runners = {"throughput": throughput, "overhead": overhead, "memory": memory, "freshness": freshness,
-               "metrics": metrics}
+               "metrics": metrics,
+               "soak": lambda quick: soak(quick, args.soak_minutes)}
     # Every table, work dir and daemon log of this run goes under one scratch dir, removed at the end.
     scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     tempfile.tempdir = str(scratch)

@@ -1,5 +1,7 @@
 """Freshness: publish → visible in Delta, with the Dagster daemon running the sensors as a user's
-deployment would (QueuedRunCoordinator, default run launcher: one process per run).
+deployment would (QueuedRunCoordinator, default run launcher: one process per run), under a traffic shape:
+uniform (a message every few milliseconds, never idle) or bursty (all of a period's messages at once, then
+silence); see `traffic.py`.
 
 Each message carries its publish time (`sent_at`); it is visible once the Delta commit that added it
 is written, and that commit's timestamp is in the log next to the batch id the rows carry. So every
@@ -16,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import polars as pl
 from deltalake import DeltaTable
 from rich.progress import Progress
 
+from ingest_defs.bench.traffic import Shape, Traffic, uniform
 from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
 from ingest_defs.resources.brokers import source_for
 
@@ -47,25 +49,22 @@ def _specs(which: list[str], ts: int, lake: Path, interval: int, linger: float) 
         for kind in which]
 
 
-def _publish(specs: list[Any], seconds: float, rate: float, stop: threading.Event) -> dict[str, int]:
-    """A steady rate per pipeline, in 0.2 s ticks; each payload carries its publish time."""
-    sources = {s.name: source_for(s) for s in specs}
-    sent = dict.fromkeys(sources, 0)
-    per_tick = max(1, round(rate * 0.2))
-    started = time.time()
+def _publish(specs: list[Any], shape: Shape, seconds: float) -> dict[str, int]:
+    """The shape to every pipeline at once, each from a publisher thread of its own; acknowledged counts."""
+    threads = [Traffic(spec, shape, seconds) for spec in specs]
     with Progress() as progress:
-        task = progress.add_task(f"publishing {rate:.0f} msg/s to {len(specs)} pipeline(s)", total=seconds)
-        while time.time() - started < seconds and not stop.is_set():
-            tick = time.time()
-            for name, source in sources.items():
-                payloads = [f'{{"id":{sent[name] + i},"sent_at":{time.time():.6f}}}'.encode() for i in range(per_tick)]
-                source.publish(payloads)
-                sent[name] += per_tick
+        task = progress.add_task(f"publishing {shape.name} {shape.rate:.0f} msg/s to {len(specs)} pipeline(s)",
+                                 total=seconds)
+        started = time.time()
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
             progress.update(task, completed=min(seconds, time.time() - started))
-            time.sleep(max(0.0, 0.2 - (time.time() - tick)))
-    for source in sources.values():
-        source.close()
-    return sent
+            time.sleep(0.5)
+    for thread in threads:
+        if thread.error is not None:
+            raise RuntimeError(f"publishing to {thread.spec.name} failed: {thread.error!r}") from thread.error
+    return {t.spec.name: t.acked for t in threads}
 
 
 def _latencies(spec: Any) -> list[float]:
@@ -104,8 +103,9 @@ def _run_figures(home: Path, spec: Any) -> dict[str, Any]:
             "run_duration_s_median": statistics.median(durations) if durations else None}
 
 
-def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, interval: int = 5,
+def bench_freshness(which: list[str], seconds: float = 120, shape: Shape | None = None, interval: int = 5,
                     linger: float = 0.0) -> list[dict[str, Any]]:
+    shape = shape or uniform(50)
     ts = time.time_ns() // 1_000_000
     work = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
     home, lake = work / "dagster_home", work / "lake"
@@ -127,8 +127,7 @@ def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, in
                               env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         time.sleep(10)  # the daemon loads the code location and starts its sensor loop
-        stop = threading.Event()
-        sent = _publish(specs, seconds, rate, stop)
+        sent = _publish(specs, shape, seconds)
         deadline = time.time() + 120
         while time.time() < deadline and any(_rows(s) < sent[s.name] for s in specs):
             time.sleep(1)
@@ -146,8 +145,8 @@ def bench_freshness(which: list[str], seconds: float = 120, rate: float = 50, in
         landed = len(latencies)
         rows.append({
             "pipeline": spec.name, "pipelines_together": len(specs), "sensor_interval_s": interval,
-            "linger_s": linger,
-            "rate_per_s": rate, "published": sent[spec.name], "landed": landed,
+            "linger_s": linger, "shape": shape.name, "burst_every_s": shape.burst_every,
+            "rate_per_s": shape.rate, "published": sent[spec.name], "landed": landed,
             "p50_s": statistics.median(latencies) if latencies else None,
             "p95_s": latencies[int(0.95 * (landed - 1))] if latencies else None,
             "max_s": latencies[-1] if latencies else None,

@@ -27,6 +27,14 @@ def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, so
         filters=dg.RunsFilter(job_name=job_name(spec), statuses=IN_PROGRESS), limit=1)
     if active:
         return dg.SkipReason(f"{spec.name}: run {active[0].run_id} is still in progress")
+    if not getattr(source, "probe", True):
+        # Looking would take delivery of what waits (MQTT QoS 0 from a broker that does not upgrade it) and
+        # a sensor cannot keep it: ask for a run, which plans and reads itself (and registers a new session).
+        source.close()
+        return dg.RunRequest(
+            partition_key=partition_key_at(spec),
+            run_config={"ops": {op_name(spec): {"config": {"trigger": trigger, "mode": "live"}}}},
+            tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger})
     try:
         runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
                              DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"))

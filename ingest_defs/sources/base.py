@@ -91,6 +91,12 @@ class RawBatch:
     # Messages left on the broker after this batch, when the source knows better than the plan did
     # (unbounded plans: NATS work queues report num_pending; None: derive it from the plan).
     lag_after: int | None = None
+    # Source-specific counts of this batch (e.g. MQTT `qos0_messages`): materialization metadata, ledger.
+    counters: dict[str, int] = field(default_factory=dict)
+    # What the run log should warn about for this batch (e.g. MQTT QoS 0 messages are at most once).
+    warnings: list[str] = field(default_factory=list)
+    # Why an open batch (unbounded plan) ended: max_messages, max_bytes, idle, max_wait, connection_lost.
+    ended_by: str | None = None
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -144,3 +150,11 @@ class Source(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class Draining(Protocol):
+    """Optional, for sources whose broker forgets what it has sent (MQTT QoS 0): at the end of a run, stop
+    the delivery and hand over what was delivered but not taken, as one more batch to commit (nothing to
+    acknowledge). Without it, closing the connection would lose those messages."""
+
+    def drain(self) -> RawBatch | None: ...

@@ -52,6 +52,21 @@ alignment of the first one needs, so a redelivery never costs an `idle_ms` wait.
    in a row committed without any of their PUBACKs reaching the broker, e.g. repeated session takeovers):
    the first redelivery is not found and the run is written again.
 
+QoS 0
+-----
+The subscription is QoS 1; a message published at QoS 0 is delivered at QoS 0 unless the broker upgrades it
+(Mosquitto `upgrade_outgoing_qos true`, as the shipped stack does: then it is an ordinary QoS 1 delivery
+and everything above applies). A QoS 0 *delivery* has no packet id, no PUBACK and is never redelivered:
+the broker forgets it once written to the socket. So: its row keeps `_mqtt_qos` 0 and a null `_mqtt_pid`
+(the committed tail a DUP=1 run is matched against holds QoS 1 rows only — a redelivered run never contains
+QoS 0 messages, so counting them would misalign the match); it is never acknowledged; each batch counts
+them (`qos0_messages`) and warns. Delivered QoS 0 messages are lost by a crash before their commit, and by
+any close of the connection while they wait in our buffer or socket: a run that ends normally therefore
+hands them over as a last batch (`drain`: DISCONNECT, read to the end, keep the QoS 0 ones; QoS 1 ones are
+redelivered as never written). A sensor's look at the session (`plan` without `read`) would take them too;
+`probe: false` keeps the sensor from connecting. Within a connection the broker sends QoS 0 messages past
+held QoS 1 ones (Receive Maximum limits QoS 1 only), so `_offset` order is arrival order, not publish order.
+
 Retained messages: with `retainHandling=1` the broker sends the retained message of each matching topic
 once, when the subscription is created (first registration of the session, or after the broker lost the
 session); they are ingested as ordinary messages. They are never re-sent per batch because we never
@@ -116,7 +131,7 @@ from ingest_defs.sources.base import (
 logger = logging.getLogger("ingest.mqtt")
 
 Fingerprint = tuple[int, str, int]  # (packet id, topic, payload hash)
-PID_COLUMN, HASH_COLUMN = "_mqtt_pid", "_mqtt_hash"
+PID_COLUMN, HASH_COLUMN, QOS_COLUMN = "_mqtt_pid", "_mqtt_hash", "_mqtt_qos"
 WINDOW_FACTOR = 2  # committed rows loaded to match redeliveries against, in units of max_messages
 SEARCH_FACTOR = 8  # how far back the first redelivery is looked for when not in that tail
 CONNECT_TIMEOUT = 15.0
@@ -126,7 +141,17 @@ MISC_INTERVAL = 1.0  # how often the read loop lets paho send keepalive pings
 BURST = 512  # packets read per select() wake-up at most
 PUBLISH_WINDOW = 10_000  # publishes awaiting their PUBACK at most
 REDELIVERY_WAIT = 10.0  # seconds to wait for the rest of a located run of redeliveries (≥ 10 × idle_ms)
+SYS_TIMEOUT = 0.5  # seconds to wait for Mosquitto's retained $SYS values
+# Mosquitto's $SYS topics (retained, refreshed every sys_interval, 10 s by default) → our names.
+SYS_DROPPED, SYS_UPTIME = "$SYS/broker/publish/messages/dropped", "$SYS/broker/uptime"
+SYS_COUNTERS = {SYS_DROPPED: "broker_dropped_messages", SYS_UPTIME: "broker_uptime_s",
+                "$SYS/broker/heap/current": "broker_heap_bytes"}
+SYS_EXPIRY = 60  # seconds Mosquitto 2.0 keeps a retained $SYS value (the dropped counter: set only on change)
+DRAIN_SECONDS = 5.0  # ending a run: how long to read what the broker had sent before our DISCONNECT
+DRAIN_FIRST_SECONDS = 0.05  # ... first this long, then DISCONNECT and read until the broker closes
+DRAIN_CAP = 100_000  # messages buffered by a drain at most (4 × max_messages if more)
 _PUBACK = struct.Struct("!BBH")  # v5 PUBACK, reason Success, no properties: remaining length 2
+_DISCONNECT = b"\xe0\x00"  # v5 DISCONNECT, reason Normal, session kept (expiry as in CONNECT)
 
 
 # ---------------------------------------------------------------- pure logic (unit-tested)
@@ -222,6 +247,7 @@ class MqttSource:
         self.username, self.password = self.auth.username, self.auth.password
         self.secrets = self.auth.secrets
         self.app_id = f"{spec.name}/mqtt/{self.client_id}"
+        self.probe = mqtt_spec.probe  # may the sensor connect the session to look for waiting messages?
         self.max_messages = spec.batch.max_messages
         self.window = WINDOW_FACTOR * self.max_messages
         self.search = SEARCH_FACTOR * self.max_messages
@@ -247,6 +273,7 @@ class MqttSource:
     def _reset_buffer(self) -> None:
         # Column-wise, no per-message objects: paho builds a Properties object per message (~kilobytes).
         self._mids = array("i")
+        self._qos = array("b")  # delivered QoS: 0 (no packet id, never redelivered, no PUBACK) or 1
         self._times = array("d")  # time.monotonic() at receipt (paho's message.timestamp)
         self._payloads: list[bytes] = []
         self._topics: list[str] = []
@@ -267,6 +294,7 @@ class MqttSource:
         payload = msg.payload
         self._payloads.append(payload)
         self._mids.append(msg.mid)
+        self._qos.append(msg.qos)
         self._times.append(msg.timestamp)
         topic = msg.topic
         self._topics.append(self._topic_names.setdefault(topic, topic))  # one str object per topic
@@ -463,7 +491,8 @@ class MqttSource:
 
     def read(self, plan: Plan, max_bytes: int) -> RawBatch:
         """Take at most the planned count (≤ max_messages) or `max_bytes`, ending after `idle_ms` without a
-        message. Skips (and acknowledges) redeliveries already in Delta; see the module docstring."""
+        message or `max_wait_seconds` after its first message, whichever comes first. Skips (and acknowledges)
+        redeliveries already in Delta; see the module docstring."""
         if not plan.ranges:
             return _empty_batch([])
         planned = plan.ranges[0]
@@ -476,23 +505,28 @@ class MqttSource:
             self._session_lost = False
         status = self._pull(limit, max_bytes, version)
         if not self._lead_resolved and self._payloads:
-            self._advance_lead(version, final=status != "lost")
+            self._advance_lead(version, final=status != "connection_lost")
         undecided = not self._lead_resolved and bool(self._payloads)
-        if self._drain_only or undecided:
-            if undecided:
-                # The connection dropped in the middle of the redeliveries: which of them are already in Delta
-                # cannot be told from part of the run. Take none; the broker resends them all next connection.
-                logger.warning("%s: MQTT connection lost while %d redelivered messages were arriving; taking "
-                               "none of them in this batch", self.spec.name, len(self._payloads))
-            # else: the skipped run reached back more than the window (PUBACKs of several batches were lost,
-            # connections dropped or taken over right after them). Take nothing new until the skipped ones are
-            # known to be acknowledged: close cleanly (the broker handles our PUBACKs before the DISCONNECT)
-            # and let the next connection's redeliveries show what is still unacknowledged. This keeps the
-            # unacknowledged run bounded, so it can always be matched.
-            self._drain_only = False
+        if undecided:
+            # The connection dropped in the middle of the redeliveries: which of them are already in Delta
+            # cannot be told from part of the run. Take none; the broker resends them all next connection.
+            # (All of them are DUP=1, so QoS 1: no QoS 0 message is dropped here.)
+            logger.warning("%s: MQTT connection lost while %d redelivered messages were arriving; taking "
+                           "none of them in this batch", self.spec.name, len(self._payloads))
             self._drop_client()
             self._reset_buffer()
             batch = _empty_batch([PartitionRange(self.app_id, 0, planned.start, planned.start - 1)])
+            batch.lag_after, batch.ended_by = 1, status
+            return batch
+        if self._drain_only:
+            # The skipped run reached back more than the window (PUBACKs of several batches were lost,
+            # connections dropped or taken over right after them). Take nothing new until the skipped ones are
+            # known to be acknowledged: close cleanly (the broker handles our PUBACKs before the DISCONNECT)
+            # and let the next connection's redeliveries show what is still unacknowledged. This keeps the
+            # unacknowledged run bounded, so it can always be matched. QoS 0 messages already delivered would
+            # be lost by the close: they are this batch.
+            self._drain_only = False
+            batch = self._close_taking_qos0(planned.start)
             batch.lag_after = 1
             return batch
         n = min(limit, len(self._payloads))
@@ -504,14 +538,83 @@ class MqttSource:
                     n = max(1, i)
                     break
         batch = self._take(n, planned.start)
-        batch.lag_after = len(self._payloads) or (1 if status == "full" else 0)  # MQTT cannot tell more
+        more = status in ("max_messages", "max_bytes", "max_wait")
+        batch.lag_after = len(self._payloads) or (1 if more else 0)  # MQTT cannot tell more
+        batch.ended_by = status
         return batch
 
+    def drain(self, stored: StoredVersion) -> RawBatch | None:
+        """End of a run (`Draining`): close the connection without losing delivered QoS 0 messages.
+
+        The broker forgets a QoS 0 message once it has written it to the socket, so closing a connection
+        loses every QoS 0 message buffered or in flight towards us. Instead: DISCONNECT (the session stays;
+        from now on the broker queues), read what it had already sent until it closes the socket, and return
+        the QoS 0 messages among what no batch took, numbered from the Delta version, as one more batch to
+        commit (nothing to acknowledge). QoS 1 messages read here stay unacknowledged: the broker redelivers
+        them (DUP=1) to the next connection, where, never having been written, they are taken as new.
+        Done whether or not QoS 0 messages were seen so far: the broker sends unacknowledged QoS 1 messages of
+        an earlier connection first, so QoS 0 ones can be waiting behind a batch of only QoS 1."""
+        if self._client is None or self._session_lost or not self._connected():
+            return None
+        version = stored(self.app_id)
+        batch = self._close_taking_qos0(0 if version is None else version + 1)
+        return batch if len(batch) else None
+
+    def _close_taking_qos0(self, start: int) -> RawBatch:
+        self._disconnect_and_read_to_end()
+        self._keep_only_qos0()
+        batch = self._take(len(self._payloads), start)
+        self._reset_buffer()
+        batch.ended_by = "drain"
+        return batch
+
+    def _disconnect_and_read_to_end(self) -> None:
+        """Send DISCONNECT ourselves (paho closes its socket right after writing one) and keep reading until
+        the broker closes the connection: everything it sent before handling the DISCONNECT is buffered."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        sock = client.socket()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        try:
+            if sock is None or not client.is_connected() or self._broken:
+                return
+            # First read for a moment, so what the broker holds in its own send queue flows into the socket.
+            self._read_while_readable(client, sock, until=min(deadline, time.monotonic() + DRAIN_FIRST_SECONDS))
+            while client.want_write() and time.monotonic() < deadline:
+                if client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                    return
+            _send_all(sock, _DISCONNECT, deadline)
+            self._read_while_readable(client, sock, until=deadline)
+            if client.socket() is sock:
+                logger.warning("%s: the MQTT broker kept sending after our DISCONNECT; %d messages read, the "
+                               "rest is dropped (QoS 0 ones lost)", self.spec.name, len(self._payloads))
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            logger.debug("%s: while draining the MQTT connection: %r", self.spec.name, exc)
+        finally:
+            if client.socket() is not None:
+                with contextlib.suppress(OSError):
+                    client.socket().close()
+
+    def _read_while_readable(self, client: mqtt.Client, sock: Any, until: float) -> None:
+        """Buffer incoming messages until `until`, or the broker closes the connection (after our DISCONNECT),
+        or DRAIN_CAP messages are buffered."""
+        cap = max(DRAIN_CAP, 4 * self.max_messages)
+        while client.socket() is sock and len(self._payloads) < cap:
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                left = until - time.monotonic()
+                if left <= 0 or not select.select([sock], [], [], left)[0]:
+                    return
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                return
+
     def _pull(self, limit: int, max_bytes: int, version: int | None) -> str:
-        """Read packets until `limit` messages count against the batch, or `max_bytes` ("full"), or `idle_ms`
-        without a message ("idle"), or the connection drops ("lost"). Messages of the leading DUP=1 run do not
-        count until we know whether they are already in Delta (`_advance_lead`), so skipped duplicates never
-        shrink a batch."""
+        """Read packets until `limit` messages count against the batch ("max_messages"), `max_bytes`
+        ("max_bytes"), `idle_ms` without a message ("idle"), `max_wait_seconds` after the batch's first
+        message ("max_wait"), or the connection drops ("connection_lost"). Messages of the leading DUP=1 run
+        do not count until we know whether they are already in Delta (`_advance_lead`), so skipped duplicates
+        never shrink a batch; the time bound starts after that decision (it takes at most REDELIVERY_WAIT), so
+        a cut never splits the redeliveries and never ends a batch that has nothing to take."""
         client = self._client
         assert client is not None
         sock = client.socket()
@@ -520,28 +623,40 @@ class MqttSource:
         loop_read = client.loop_read
         last_misc = time.monotonic()
         deadline = last_misc + idle
+        cut_at = float("inf")  # max_wait_seconds after the first message this batch can take
         while True:
-            if not self._lead_resolved and payloads:
-                self._advance_lead(version, final=False)
+            if not self._lead_resolved and payloads and self._advance_lead(version, final=False):
+                # Skipped duplicates were acknowledged, which frees the broker's window: wait idle_ms for what
+                # comes next from now, not from the last redelivery (loading the tail can take longer).
+                deadline = time.monotonic() + idle
+            if cut_at == float("inf") and self._lead_resolved and payloads:
+                cut_at = time.monotonic() + self.spec.batch.max_wait_seconds
             exempt = 0 if self._lead_resolved else self._lead_len
-            if len(payloads) - exempt >= limit or (self._lead_resolved and self._bytes >= max_bytes):
-                return "full"
+            if len(payloads) - exempt >= limit:
+                return "max_messages"
+            if self._lead_resolved and self._bytes >= max_bytes:
+                return "max_bytes"
             if self._drain_only:
                 return "idle"
             now = time.monotonic()
+            if now >= cut_at:
+                return "max_wait"
             if now - last_misc >= MISC_INTERVAL:
                 client.loop_misc()  # keepalive
                 last_misc = now
             if sock is None or client.socket() is not sock or self._broken:
                 break  # connection lost: the batch is what arrived
             readable = False
-            left = deadline - now
+            left = min(deadline, cut_at) - now
             if left > 0:
                 try:
                     readable = bool(select.select([sock], [], [], left)[0])
                 except (OSError, ValueError):
                     break
-            if not readable:  # idle_ms without a message
+            if not readable:
+                if time.monotonic() >= cut_at:
+                    return "max_wait"
+                # idle_ms without a message
                 if not self._lead_resolved and payloads:
                     if self._lead_incomplete() and time.monotonic() < self._lead_wait_until:
                         # A located run of redeliveries stopped short of the committed tail's end: the broker
@@ -562,7 +677,7 @@ class MqttSource:
                     break  # drained / control or partial packet / time to re-check the limits
             if len(payloads) > got:
                 deadline = time.monotonic() + idle
-        return "lost"
+        return "connection_lost"
 
     def _lead_incomplete(self) -> bool:
         return self._lead_open and self._lead_len < self._lead_needed
@@ -672,12 +787,13 @@ class MqttSource:
         for i in range(self._base, self._base + n):
             self._headers.pop(i, None)
         self._bytes -= sum(len(p) for p in self._payloads[:n])
-        del self._payloads[:n], self._topics[:n], self._mids[:n], self._times[:n]
+        del self._payloads[:n], self._topics[:n], self._mids[:n], self._qos[:n], self._times[:n]
         self._base += n
 
     def _take(self, n: int, start: int) -> RawBatch:
         payloads = self._payloads[:n]
         mids = self._mids[:n].tolist()
+        qos = self._qos[:n].tolist()
         streams = self._topics[:n]
         wall = time.time() - time.monotonic()
         timestamps = [int((t + wall) * 1000) for t in self._times[:n]]
@@ -695,15 +811,40 @@ class MqttSource:
             self._topic_names.clear()
         if not n:
             return _empty_batch([PartitionRange(self.app_id, 0, start, start - 1)])
+        qos0 = qos.count(0)
+        # QoS 0 deliveries carry no packet id: a null `_mqtt_pid` keeps them out of the redelivery match.
+        pids = mids if not qos0 else [m if q else None for m, q in zip(mids, qos, strict=True)]
         extra = {
-            PID_COLUMN: pl.Series(PID_COLUMN, mids, dtype=pl.Int32),
+            PID_COLUMN: pl.Series(PID_COLUMN, pids, dtype=pl.Int32),
             HASH_COLUMN: pl.Series(HASH_COLUMN, [payload_hash(p) for p in payloads], dtype=pl.Int64),
+            QOS_COLUMN: pl.Series(QOS_COLUMN, qos, dtype=pl.Int8),
         }
+        warnings = []
+        if qos0:
+            warnings.append(f"{self.spec.name}: {qos0} of {n} messages (offsets {start}..{start + n - 1}) arrived at "
+                            "QoS 0: at most once. The broker keeps no copy once it has sent them and never "
+                            "redelivers them, so a crash between their receipt and the Delta commit loses them. "
+                            "Publish at QoS 1 for exactly once.")
         return RawBatch(
             payloads=payloads, offsets=list(range(start, start + n)), partitions=0, streams=streams, keys=None,
             headers=headers, timestamps_ms=timestamps, covered=[PartitionRange(self.app_id, 0, start, start + n - 1)],
-            nbytes=nbytes, extra_columns=extra, ack_token=(self._generation, mids),
+            nbytes=nbytes, extra_columns=extra, counters={"qos0_messages": qos0}, warnings=warnings,
+            ack_token=(self._generation, [m for m, q in zip(mids, qos, strict=True) if q] if qos0 else mids),
         )
+
+    def _keep_only_qos0(self) -> None:
+        """Drop the buffered QoS 1 messages (unacknowledged, so the broker redelivers them); keep QoS 0 ones."""
+        keep = [i for i, q in enumerate(self._qos) if q == 0]
+        if len(keep) == len(self._qos):
+            return
+        base = self._base
+        self._payloads[:] = [self._payloads[i] for i in keep]
+        self._topics[:] = [self._topics[i] for i in keep]
+        self._mids = array("i", [self._mids[i] for i in keep])
+        self._qos = array("b", [0] * len(keep))
+        self._times = array("d", [self._times[i] for i in keep])
+        self._headers = {base + j: self._headers[base + i] for j, i in enumerate(keep) if base + i in self._headers}
+        self._bytes = sum(len(p) for p in self._payloads)
 
     def acknowledge(self, batch: RawBatch) -> None:
         """PUBACK the batch's messages, in arrival order, after its Delta commit."""
@@ -755,8 +896,14 @@ class MqttSource:
     def identity(self) -> dict[str, str]:
         return {"mqtt.client_id": self.client_id, "mqtt.topics": ",".join(self.topics)}
 
-    def publish(self, payloads: Sequence[bytes], keys: Sequence[bytes | None] | None = None) -> int:
-        """QoS 1 to topics under the first filter (`publish_topic`); waits for every PUBACK."""
+    def publish(self, payloads: Sequence[bytes], keys: Sequence[bytes | None] | None = None,
+                qos: int | Sequence[int] = 1) -> int:
+        """To topics under the first filter (`publish_topic`), at QoS 1 (waits for every PUBACK) or QoS 0 (one
+        value or one per message). QoS 0 has no acknowledgement: a SUBSCRIBE/SUBACK round trip at the end
+        shows the broker has handled every publish before it (it handles one connection's packets in order)."""
+        levels = [qos] * len(payloads) if isinstance(qos, int) else list(qos)
+        if len(levels) != len(payloads) or set(levels) - {0, 1}:
+            raise ValueError("qos: 0 or 1, one value or one per payload")
         client = self._new_client(f"{self.client_id}-pub-{uuid.uuid4().hex[:8]}", consumer=False)
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
@@ -806,7 +953,7 @@ class MqttSource:
                 topic = by_key.get(cache_key)
                 if topic is None:
                     topic = by_key[cache_key] = publish_topic(topic_filter, i, key)
-                info = client.publish(topic, payload, qos=1)
+                info = client.publish(topic, payload, qos=levels[i])
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     raise SourceError(f"pipeline '{self.spec.name}': MQTT publish failed "
                                       f"({mqtt.error_string(info.rc)})")
@@ -816,6 +963,13 @@ class MqttSource:
                     raise SourceError(f"pipeline '{self.spec.name}': only {counts['acked']} of {len(payloads)} "
                                       "MQTT publishes acknowledged in time")
                 time.sleep(0.005)
+            if 0 in levels:
+                barrier: list[Any] = []
+                client.on_subscribe = lambda _c, _u, _m, reasons, _p: barrier.append(reasons)
+                client.subscribe(f"ingest/_barrier/{uuid.uuid4().hex}", qos=0)  # denied by ACLs is fine too
+                deadline = time.monotonic() + 30
+                while not barrier and time.monotonic() < deadline:
+                    time.sleep(0.002)
         finally:
             client.disconnect()
             client.loop_stop()
@@ -825,6 +979,59 @@ class MqttSource:
                               f"{counts['failed']} of {len(payloads)} publishes ({', '.join(failures)}): check "
                               f"user '{self.username}' may publish there (the broker's ACLs)")
         return counts["acked"]
+
+    def broker_counters(self, timeout: float = SYS_TIMEOUT) -> dict[str, int]:
+        """What Mosquitto's `$SYS` tree says about loss the pipeline cannot count itself: messages the broker
+        dropped because a client's queue was full (broker-wide, all clients, since it started), its uptime and
+        heap. Mosquitto 2.0 publishes the dropped counter only when it changes, retained with a 60 s expiry:
+        so it is missing when it did not change in the last minute (or never did). {} when the broker
+        publishes no `$SYS` (other brokers, `sys_interval 0`) or this user may not read it."""
+        client, got = self._sys_client()
+        try:
+            deadline = time.monotonic() + timeout
+            while SYS_UPTIME not in got and time.monotonic() < deadline:
+                if client.loop(0.05) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+                    break
+            client.loop(0.02)  # retained values come in subscription order: the counter, if any, came first
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            logger.debug("%s: reading $SYS: %r", self.spec.name, exc)
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                client.disconnect()
+        return parse_sys_counters({topic: values[-1] for topic, values in got.items()})
+
+    def _sys_client(self) -> tuple[mqtt.Client, dict[str, list[bytes]]]:
+        """A separate connection (never the session's) subscribed to the $SYS counters."""
+        got: dict[str, list[bytes]] = {}
+        client = self._new_client(f"{self.client_id}-sys-{uuid.uuid4().hex[:8]}", consumer=False)
+        client.on_message = lambda _c, _u, m: got.setdefault(m.topic, []).append(m.payload)
+        client.on_connect = lambda c, _u, _f, reason, _p: None if reason.is_failure else c.subscribe(
+            [(topic, 0) for topic in SYS_COUNTERS])
+        try:
+            client.connect(self.host, self.port, keepalive=KEEPALIVE)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            logger.debug("%s: connecting for $SYS: %r", self.spec.name, exc)
+        return client, got
+
+    def status_note(self) -> str:
+        """One line for `ingest status`: what the broker says it dropped (loss the pipeline cannot count)."""
+        counters = self.broker_counters()
+        where = f"{self.spec.name}: MQTT broker at {self.host}:{self.port}"
+        if "broker_uptime_s" not in counters:
+            return (f"{where} publishes no $SYS counters this user can read: messages it drops (full client "
+                    "queues) cannot be seen")
+        up = counters["broker_uptime_s"]
+        dropped = counters.get("broker_dropped_messages")
+        if dropped is None:
+            what = "none" if up < SYS_EXPIRY else "none in the last minute (older drops are not shown)"
+        else:
+            what = f"{dropped} in total, the last within the last minute"
+        return (f"{where} (up {up // 3600}h{up % 3600 // 60:02d}m): messages dropped for full client queues "
+                f"(all clients): {what}")
+
+    def loss_watch(self) -> BrokerLossWatch:
+        """Reads the broker's dropped-message counter now; `finish()` after the run says what changed."""
+        return BrokerLossWatch(self)
 
     def ensure_exists(self) -> None:
         """Register the persistent session (subscribe when the broker has none), so messages published from
@@ -852,10 +1059,102 @@ class MqttSource:
         return DeltaTable(uri).transaction_version(self.app_id)
 
     def close(self) -> None:
-        # Buffered messages not taken stay unacknowledged: the broker resends them to the next session.
+        # Buffered QoS 1 messages not taken stay unacknowledged: the broker resends them to the next session.
+        # QoS 0 ones are gone (a run that ends normally hands them over first: `drain`).
+        lost = self._qos.count(0)
+        if lost:
+            logger.warning("%s: closing the MQTT connection drops %d QoS 0 messages that were delivered but not "
+                           "written (QoS 0 is at most once: the broker keeps no copy)", self.spec.name, lost)
         self._drop_client(expire=self._session_lost)
         self._session_lost = False
         self._reset_buffer()
+
+
+def parse_sys_counters(values: dict[str, bytes]) -> dict[str, int]:
+    """$SYS payloads → integers by our names (`$SYS/broker/uptime` is "N seconds")."""
+    out: dict[str, int] = {}
+    for topic, name in SYS_COUNTERS.items():
+        text = values.get(topic, b"").decode("ascii", "replace").split(" ")[0]
+        if text.isdigit():
+            out[name] = int(text)
+    return out
+
+
+class BrokerLossWatch:
+    """Watches the broker's dropped-message counter for the length of a run (a background connection of its
+    own): loss that happens on the broker, which the pipeline cannot see itself."""
+
+    def __init__(self, source: MqttSource):
+        self.source = source
+        self.client, self.got = source._sys_client()
+        self.start: int | None = None
+        self.readable = False
+        try:
+            self.client.loop_start()
+            deadline = time.monotonic() + SYS_TIMEOUT
+            while SYS_UPTIME not in self.got and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.02)
+        except (OSError, ValueError):
+            pass
+        counters = parse_sys_counters({t: v[-1] for t, v in list(self.got.items())})
+        self.readable = "broker_uptime_s" in counters
+        self.seen_at_start = len(self.got.get(SYS_DROPPED, []))
+        if "broker_dropped_messages" in counters:
+            self.start = counters["broker_dropped_messages"]
+        elif self.readable and counters["broker_uptime_s"] < SYS_EXPIRY:
+            self.start = 0  # a young broker that never published the counter never dropped anything
+
+    def finish(self) -> tuple[dict[str, Any], str | None]:
+        """(metadata, warning or None) for the run's materialization and log."""
+        with contextlib.suppress(OSError, ValueError):
+            self.client.disconnect()
+            self.client.loop_stop()
+        if not self.readable:
+            return {}, None
+        later = [int(v) for v in self.got.get(SYS_DROPPED, [])[self.seen_at_start:] if v.isdigit()]
+        meta: dict[str, Any] = {}
+        if later or self.start is not None:
+            meta["mqtt_broker_dropped_total"] = later[-1] if later else self.start
+        during, exact = dropped_during(self.start, later)
+        meta["mqtt_broker_dropped_during_run"] = during
+        if not during:
+            return meta, None
+        amount = f"{during}" if exact else f"at least {during}"
+        return meta, (f"{self.source.spec.name}: the MQTT broker at {self.source.host}:{self.source.port} dropped "
+                      f"{amount} messages during this run ($SYS/broker/publish/messages/dropped, all clients: a "
+                      "full client queue, max_queued_messages/max_queued_bytes). Some may have been this "
+                      "pipeline's; they never reached it and cannot be recovered.")
+
+
+def dropped_during(start: int | None, later: list[int]) -> tuple[int, bool]:
+    """(messages dropped during a run, exact?) from the counter at its start (None: not published in the
+    minute before) and the values published during it (only on change). A value lower than the one before
+    is a broker restart (the counter starts again from 0)."""
+    if not later:
+        return 0, True
+    total, previous, exact = 0, start, start is not None
+    for value in later:
+        if previous is None:
+            total += 1  # changed at least once before this value, by how much is unknown
+        elif value >= previous:
+            total += value - previous
+        else:
+            total += value  # restarted
+        previous = value
+    return total, exact
+
+
+def _send_all(sock: Any, data: bytes, deadline: float) -> None:
+    """Write on paho's non-blocking (possibly TLS) socket."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            if time.monotonic() > deadline:
+                raise TimeoutError("socket not writable") from None
+            select.select([], [sock], [], 0.1)
 
 
 def _empty_batch(covered: list[PartitionRange]) -> RawBatch:

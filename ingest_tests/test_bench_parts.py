@@ -1,0 +1,52 @@
+"""Pure parts of `make bench` that its figures depend on: traffic shapes, the soak's pipelines and process
+roles, RSS growth. (The benchmarks themselves run in `make bench`, not in `make test`.)"""
+
+from __future__ import annotations
+
+from ingest_defs.bench.soak import growth, role_of, soak_specs
+from ingest_defs.bench.traffic import bursty, uniform, with_sent_at
+from ingest_defs.config import DEFAULT_PIPELINES_FILE, load_pipelines
+
+
+def test_uniform_traffic_is_evenly_spaced_and_never_idle():
+    ticks = list(uniform(200).ticks(1000.0, 2.0))
+    assert sum(n for _, n in ticks) == 400
+    gaps = {round(b[0] - a[0], 6) for a, b in zip(ticks, ticks[1:], strict=False)}
+    assert gaps == {0.005}  # a message every 5 ms: far below idle_ms
+
+
+def test_bursty_traffic_sends_a_period_at_once_then_is_silent():
+    ticks = list(bursty(200, every=5).ticks(1000.0, 20.0))
+    assert ticks == [(1000.0, 1000), (1005.0, 1000), (1010.0, 1000), (1015.0, 1000)]
+
+
+def test_sent_at_is_added_to_objects_and_bad_payloads_stay_bad():
+    assert with_sent_at(b'{"a":1}', 12.5) == b'{"a":1,"sent_at":12.5}'
+    for bad in (b"{not json", b"\xff\xfe", b"", b"[1]"):
+        assert with_sent_at(bad, 1.0) == bad
+
+
+def test_the_soak_runs_the_shipped_pipelines_on_broker_objects_of_its_own():
+    shipped = load_pipelines(DEFAULT_PIPELINES_FILE)
+    specs = {s.name: s for s in soak_specs(shipped, "123")}
+    assert set(specs) == set(shipped)
+    for name, spec in specs.items():
+        original = shipped[name]
+        assert spec.trigger == original.trigger and spec.batch == original.batch
+        assert spec.maintenance == original.maintenance and spec.table == original.table
+        assert "sent_at" in spec.payload_schema
+        assert spec.source.kind == original.source.kind and spec.source != original.source
+
+
+def test_process_roles_and_growth():
+    assert role_of("/venv/bin/python -m dagster_webserver --port 3070") == "webserver"
+    assert role_of("/venv/bin/python -m dagster._daemon run") == "daemon"
+    assert role_of("/venv/bin/python -m dagster api grpc --lazy-load-user-code") == "code_server"
+    assert role_of("/venv/bin/python -m dagster api execute_run {...}") == "run"
+    assert role_of("/venv/bin/python -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=4)") == "run"
+    assert role_of("/venv/bin/python -m dagster code-server start --socket /tmp/x") == "code_server_proxy"
+    assert role_of("/usr/bin/mosquitto -c x") is None
+    samples = [{"minute": m, "rss_mb": {"daemon": 200 + (m if m < 5 else 5)}} for m in range(11)]
+    g = growth(samples, "daemon")
+    assert (g["first_mb"], g["last_mb"], g["peak_mb"]) == (200, 205, 205)
+    assert g["slope_first_half_mb_per_min"] > 0.5 and g["slope_second_half_mb_per_min"] == 0
