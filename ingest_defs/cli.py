@@ -143,8 +143,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = 0
     for name in names:
         spec = specs[name]
-        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
-        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
+        target = DeltaTableSink.of(spec, "target")
+        quarantine = DeltaTableSink.of(spec, "quarantine")
         source = source_for(spec)
         try:
             parts = source.state()
@@ -193,19 +193,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     pl.Config.set_fmt_str_lengths(60)
     for name in names:
         spec = specs[name]
-        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
-        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
+        target = DeltaTableSink.of(spec, "target")
+        quarantine = DeltaTableSink.of(spec, "quarantine")
         console.rule(f"{name}: {spec.table_uri()}")
         console.print(f"rows: {target.row_count()}   quarantined: {quarantine.row_count()}")
         if quarantine.table() is not None:
-            q = pl.read_delta(spec.quarantine_uri())
+            q = quarantine.location.read()
             reasons = (q.with_columns(pl.col("_error").str.split(":").list.first().alias("reason"))
                        .group_by("reason").len().sort("len", descending=True))
             print(reasons)
             print(q.select("_partition", "_offset", "_error").head(args.rows))
         if target.table() is not None:
             payload_cols = list(spec.payload_schema)
-            print(pl.read_delta(spec.table_uri()).select(
+            print(target.location.read().select(
                 *payload_cols, "_stream", "_partition", "_offset", "_timestamp").head(args.rows))
     return 0
 
@@ -217,7 +217,7 @@ def cmd_batches(args: argparse.Namespace) -> int:
     from ingest_defs.ledger import Ledger
 
     spec = _load(args.pipeline)[args.pipeline]
-    ledger = Ledger(spec.ledger_uri(), spec.name)
+    ledger = Ledger.of(spec)
     expr = pl.lit(True)
     if args.partition:
         expr = expr & (pl.col("partition_key") == args.partition)
@@ -287,11 +287,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
                           "give two offsets or two times")
     if low > high:
         raise ConfigError(spec.name, "--from/--to", f"--from {args.from_} is after --to {args.to}", "swap them")
-    ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
+    ledger = Ledger.of(spec, partition_of=lambda when: partition_key_at(spec, when))
     source = source_for(spec)
     generation = f"replay-{ULID()}"
-    replayer = Replayer(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                        DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), ledger,
+    replayer = Replayer(spec, source, DeltaTableSink.of(spec, "target"),
+                        DeltaTableSink.of(spec, "quarantine"), ledger,
                         BatchContext(trigger="replay", mode="replay"), generation)
     try:
         batches = replayer.batches_for_range(low, high, args.partition)

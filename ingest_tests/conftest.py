@@ -21,6 +21,7 @@ import pytest
 from ingest_defs.assets.ingestion import job_name, op_name
 from ingest_defs.config import REPO_ROOT, PipelineSpec, dump_pipelines, parse_pipeline
 from ingest_defs.factory import build_definitions
+from ingest_defs.storage import Location, location, table_location
 
 _counter = itertools.count()
 
@@ -124,19 +125,14 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "run failed"
 
 
-def read_table(uri: str) -> pl.DataFrame:
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        DeltaTable(uri)
-    except TableNotFoundError:
-        return pl.DataFrame()
-    return pl.read_delta(uri)
+def read_table(uri: str | Location) -> pl.DataFrame:
+    """A whole table (local or S3, through ingest_defs.storage), or an empty frame when there is none."""
+    where = uri if isinstance(uri, Location) else location(uri)
+    return where.read() if where.exists() else pl.DataFrame()
 
 
 def landed(spec: PipelineSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
-    return read_table(spec.table_uri()), read_table(spec.quarantine_uri())
+    return read_table(table_location(spec, "target")), read_table(table_location(spec, "quarantine"))
 
 
 def offsets_of(frame: pl.DataFrame) -> list[tuple[int, int]]:

@@ -28,8 +28,8 @@ def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, so
     if active:
         return dg.SkipReason(f"{spec.name}: run {active[0].run_id} is still in progress")
     try:
-        runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                             DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"))
+        runner = BatchRunner(spec, source, DeltaTableSink.of(spec, "target"),
+                             DeltaTableSink.of(spec, "quarantine"))
         plan = runner.plan()
     finally:
         source.close()
