@@ -37,11 +37,12 @@ def _load(name: str | None = None) -> dict[str, PipelineSpec]:
 def cmd_stack(args: argparse.Namespace) -> int:
     from ingest_defs.stack import manager
 
+    services = {"with_s3": True if args.s3 else None, "with_postgres": args.postgres}
     if args.action == "up":
-        return manager.up(secure=args.secure)
+        return manager.up(secure=args.secure, **services)
     if args.action == "down":
         return manager.down()
-    return manager.status(secure=args.secure)
+    return manager.status(secure=args.secure, **services)
 
 
 def cmd_validate(_args: argparse.Namespace) -> int:
@@ -366,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack = sub.add_parser("stack", help="the local broker stack (Kafka, NATS JetStream, Mosquitto)")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--secure", action="store_true", help="the secure stack: authentication, ACLs and TLS on, on its own ports (see README)")
+    stack.add_argument("--s3", action="store_true",
+                       help="also the S3-compatible server (versitygw; INGEST_S3_PORT, default 9000); implied when "
+                            "LAKE_ROOT is s3:// on its endpoint")
+    stack.add_argument("--postgres", action="store_true",
+                       help="also PostgreSQL for Dagster's storage (INGEST_POSTGRES_PORT, default 5432)")
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run batches of a pipeline through Dagster until caught up")

@@ -55,6 +55,7 @@ AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AW
 SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD")
 UNSAFE_RENAME = "AWS_S3_ALLOW_UNSAFE_RENAME"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STORE_FAILURE = re.compile(r"Generic \w+ error|error sending request|after \d+ retries")
 _seen_secrets: set[str] = set()  # every secret value an option set carried in this process (for redact)
 
 
@@ -217,8 +218,9 @@ class Location:
             write_deltalake(self.uri, data, storage_options=self.options, **kwargs)
 
     # -- plain objects (fault injection, orphan files, tests)
-    def filesystem(self) -> tuple[pafs.FileSystem, str]:
-        """A pyarrow filesystem over the table's bytes and the table's path in it."""
+    def filesystem(self, **s3_options: Any) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem over the table's bytes and the table's path in it (`s3_options`: more
+        pyarrow S3FileSystem arguments)."""
         import pyarrow.fs as pafs
 
         if not self.remote:
@@ -238,18 +240,18 @@ class Location:
             kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
         kwargs.update(request_timeout=_seconds(opts.get("timeout", "30s")),
                       connect_timeout=_seconds(opts.get("connect_timeout", "5s")))
-        return pafs.S3FileSystem(**kwargs), path
+        return pafs.S3FileSystem(**kwargs, **s3_options), path
 
-    def files(self, suffix: str = ".parquet") -> list[str]:
-        """Paths (relative to the table) of the objects under the table ending in `suffix`, log excluded:
-        the data files any commit wrote, and those a writer killed mid-commit left behind."""
+    def files(self, suffix: str = ".parquet", log: bool = False) -> list[str]:
+        """Paths (relative to the table) of the objects under the table ending in `suffix`: the data files any
+        commit wrote and those a writer killed mid-commit left behind, or (`log`) those in `_delta_log/`."""
         import pyarrow.fs as pafs
 
         fs, root = self.filesystem()
         with self.failures("listing"):
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         names = [i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File]
-        return sorted(n for n in names if n.endswith(suffix) and not n.startswith("_delta_log/"))
+        return sorted(n for n in names if n.endswith(suffix) and n.startswith("_delta_log/") == log)
 
     def put_bytes(self, relative: str, data: bytes) -> None:
         fs, root = self.filesystem()
@@ -281,9 +283,19 @@ class _Failures:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any) -> bool:
-        if exc is not None and self.location.remote and isinstance(exc, OSError):
+        if exc is not None and self.location.remote and is_store_failure(exc):
             raise failure(self.location, self.action, exc) from None
         return False
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """An object-store I/O failure: reads raise OSError; a write raises a plain DeltaError carrying object_store's
+    "Generic S3 error ... after N retries" (never a CommitFailedError: a lost race is not a failure)."""
+    from deltalake.exceptions import DeltaError
+
+    if isinstance(exc, OSError):
+        return True
+    return type(exc) is DeltaError and bool(_STORE_FAILURE.search(str(exc)))
 
 
 def failure(location: Location, action: str, exc: BaseException) -> StorageError:

@@ -39,6 +39,27 @@ def stack() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(scope="session")
+def s3_server() -> dict[str, str]:
+    """The stack's S3 server (versitygw), started once per session if it is not up: its client settings."""
+    from ingest_defs.stack import manager, s3
+
+    layout = s3.Layout(manager.stack_dir() / "s3")
+    if os.environ.get("INGEST_STACK_EXTERNAL") != "1" and manager.status(with_s3=True, brokers=False) != 0:
+        assert manager.up(with_s3=True, brokers=False) == 0, "could not start the S3 server"
+    return {**s3.client_env(), **s3.load_secrets(layout)}
+
+
+@pytest.fixture
+def s3_lake(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """LAKE_ROOT on the stack's S3 server (a prefix of its own), with the AWS_* settings in the environment."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    root = f"s3://{s3_server['INGEST_S3_BUCKET']}/tests/{unique('lake')}"
+    monkeypatch.setenv("LAKE_ROOT", root)
+    return root
+
+
 @pytest.fixture
 def lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "lake"
