@@ -12,6 +12,8 @@ configs and pidfiles under one git-ignored folder (``INGEST_STACK_DIR``, default
       nats/      nats.conf          nats.log   nats.pid   nats.run.json   data/jetstream/
       mosquitto/ mosquitto.conf     mosquitto.log  mosquitto.pid  mosquitto.run.json
                  data/mosquitto.db
+      s3/        (`up --s3`) the S3 server, versitygw: see stack/s3.py
+      postgres/  (`up --postgres`) PostgreSQL for Dagster's storage: see stack/postgres.py
 
 Addresses come from ``KAFKA_BOOTSTRAP_SERVERS`` (default ``localhost:9092``), ``NATS_URL``
 (``nats://localhost:4222``) and ``MQTT_URL`` (``mqtt://localhost:1883``); the KRaft
