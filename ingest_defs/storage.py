@@ -29,6 +29,7 @@ on local disk. `AWS_S3_ALLOW_UNSAFE_RENAME` (which turns that off) is refused.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -265,8 +266,19 @@ class Location:
         import pyarrow.fs as pafs
 
         fs, root = self.filesystem()
-        if fs.get_file_info(root).type != pafs.FileType.NotFound:
-            fs.delete_dir(root)
+        if not self.remote:
+            if fs.get_file_info(root).type != pafs.FileType.NotFound:
+                fs.delete_dir(root)
+            return
+        # Objects first, then the directory markers deepest first (a POSIX-backed server keeps real directories,
+        # which pyarrow's delete_dir would try to remove before their contents).
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        for info in infos:
+            if info.type == pafs.FileType.File:
+                fs.delete_file(info.path)
+        for info in sorted((i for i in infos if i.type == pafs.FileType.Directory), key=lambda i: -i.path.count("/")):
+            with contextlib.suppress(OSError):
+                fs.delete_dir(info.path)
 
     # -- errors
     def failures(self, action: str) -> _Failures:
