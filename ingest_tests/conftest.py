@@ -44,10 +44,12 @@ def s3_server() -> dict[str, str]:
     """The stack's S3 server (versitygw), started once per session if it is not up: its client settings."""
     from ingest_defs.stack import manager, s3
 
-    layout = s3.Layout(manager.stack_dir() / "s3")
-    if os.environ.get("INGEST_STACK_EXTERNAL") != "1" and manager.status(with_s3=True, brokers=False) != 0:
+    if os.environ.get("INGEST_STACK_EXTERNAL") == "1":  # a server the caller runs: its AWS_* settings
+        names = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        return {"INGEST_S3_BUCKET": s3.bucket(), **{k: os.environ[k] for k in names if k in os.environ}}
+    if manager.status(with_s3=True, brokers=False) != 0:
         assert manager.up(with_s3=True, brokers=False) == 0, "could not start the S3 server"
-    return {**s3.client_env(), **s3.load_secrets(layout)}
+    return {**s3.client_env(), **s3.load_secrets(s3.Layout(manager.stack_dir() / "s3"))}
 
 
 @pytest.fixture
