@@ -15,14 +15,13 @@ WORKDIR /app
 # Dependencies first (cached layer), exactly as locked.
 COPY pyproject.toml uv.lock README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-install-project
+    uv sync --frozen --no-dev --extra k8s --no-install-project
 
 # The project. Local state (venv, broker stack, lake, Dagster home) stays out of the image.
 COPY --exclude=.git --exclude=.venv --exclude=.stack --exclude=lake --exclude=dagster_home \
      --exclude=**/__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache . .
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev \
- && uv pip install --python /app/.venv/bin/python "dagster-postgres==0.29.27"
+    uv sync --frozen --no-dev --extra k8s   # dagster-postgres and dagster-k8s, locked with dagster
 
 ENV PATH=/app/.venv/bin:$PATH \
     DAGSTER_HOME=/opt/dagster/dagster_home \

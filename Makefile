@@ -49,8 +49,11 @@ demo: stack
 	$(INGEST) show all --rows 5
 	$(PY) -m ingest_defs.assets.dbt build --show 5  # dbt build (LAKE_ROOT, DBT_PROFILES_DIR set), gold rows
 
-# The secure-stack tests start `ingest stack up --secure` themselves (and stop it after).
+# The secure-stack tests start `ingest stack up --secure` themselves (and stop it after). The S3 server
+# (built once with `go install` from the Go module proxy) and PostgreSQL start here, before pytest's
+# per-test timeout runs; their tests reuse them.
 test: stack
+	$(INGEST) stack up --s3 --postgres
 	$(PY) -m pytest ingest_tests -q -p no:cacheprovider --durations=15 -m "not chaos"
 
 chaos: stack

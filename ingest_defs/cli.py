@@ -45,11 +45,12 @@ def _load(name: str | None = None) -> dict[str, PipelineSpec]:
 def cmd_stack(args: argparse.Namespace) -> int:
     from ingest_defs.stack import manager
 
+    services = {"with_s3": True if args.s3 else None, "with_postgres": args.postgres}
     if args.action == "up":
-        return manager.up(secure=args.secure, prometheus=args.prometheus)
+        return manager.up(secure=args.secure, prometheus=args.prometheus, **services)
     if args.action == "down":
         return manager.down()
-    return manager.status(secure=args.secure, prometheus=args.prometheus)
+    return manager.status(secure=args.secure, prometheus=args.prometheus, **services)
 
 
 def cmd_validate(_args: argparse.Namespace) -> int:
@@ -174,20 +175,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     documents = []
     for name in names:
         spec = specs[name]
-        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
-        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
+        target = DeltaTableSink.of(spec, "target")
+        quarantine = DeltaTableSink.of(spec, "quarantine")
         doc: dict = {"pipeline": name, "table": spec.table_uri(), "quarantine_table": spec.quarantine_uri(),
                      "rows": target.row_count(), "quarantined": quarantine.row_count(), "reasons": [],
                      "quarantine_sample": [], "sample": []}
         reasons = q = rows = None
         if quarantine.table() is not None:
-            q = pl.read_delta(spec.quarantine_uri())
+            q = quarantine.location.read()
             reasons = (q.with_columns(pl.col("_error").str.split(":").list.first().alias("reason"))
                        .group_by("reason").len().sort("len", descending=True))
             doc["reasons"] = [{"reason": r, "count": c} for r, c in reasons.iter_rows()]
             doc["quarantine_sample"] = q.select("_partition", "_offset", "_error").head(args.rows).to_dicts()
         if target.table() is not None:
-            table_rows = pl.read_delta(spec.table_uri())
+            table_rows = target.location.read()
             # registry formats: the columns come from the registry schema
             payload_cols = ([c for c in table_rows.columns if not c.startswith("_")] if spec.uses_registry
                             else list(spec.payload_schema))
@@ -217,7 +218,7 @@ def cmd_batches(args: argparse.Namespace) -> int:
     from ingest_defs.ledger import Ledger
 
     spec = _load(args.pipeline)[args.pipeline]
-    ledger = Ledger(spec.ledger_uri(), spec.name)
+    ledger = Ledger.of(spec)
     expr = pl.lit(True)
     if args.partition:
         expr = expr & (pl.col("partition_key") == args.partition)
@@ -307,11 +308,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
                           "give two offsets or two times")
     if low > high:
         raise ConfigError(spec.name, "--from/--to", f"--from {args.from_} is after --to {args.to}", "swap them")
-    ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
+    ledger = Ledger.of(spec, partition_of=lambda when: partition_key_at(spec, when))
     source = source_for(spec)
     generation = f"replay-{ULID()}"
-    replayer = Replayer(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                        DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), ledger,
+    replayer = Replayer(spec, source, DeltaTableSink.of(spec, "target"),
+                        DeltaTableSink.of(spec, "quarantine"), ledger,
                         BatchContext(trigger="replay", mode="replay"), generation)
     try:
         batches = replayer.batches_for_range(low, high, args.partition)
@@ -409,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--secure", action="store_true", help="the secure stack: authentication, ACLs and TLS on, on its own ports (see README)")
     stack.add_argument("--prometheus", action="store_true",
                        help="also a Prometheus server scraping `ingest metrics serve` (INGEST_PROMETHEUS_PORT, default 9090)")
+    stack.add_argument("--s3", action="store_true",
+                       help="also the S3-compatible server (versitygw; INGEST_S3_PORT, default 9000); implied when "
+                            "LAKE_ROOT is s3:// on its endpoint")
+    stack.add_argument("--postgres", action="store_true",
+                       help="also PostgreSQL for Dagster's storage (INGEST_POSTGRES_PORT, default 5432)")
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run batches of a pipeline through Dagster until caught up")

@@ -26,6 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from ingest_defs import storage
+from ingest_defs.storage import is_secret_key
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 DEFAULT_PIPELINES_FILE = PACKAGE_DIR / "pipelines.yaml"
@@ -177,6 +180,20 @@ class MqttSecuritySpec(TlsSpec):
     password: str | None = None
 
     _password_ref = field_validator("password")(classmethod(lambda cls, v: _secret_ref(v)))
+
+
+class StorageSpec(_Strict):
+    """`storage:` — object-store options for the pipeline's tables (see storage.py), over the environment's."""
+
+    options: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _no_literal_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if is_secret_key(key) and not SECRET_REF.match(item):
+                raise ValueError(f"{LITERAL_SECRET} (config key '{key}')")
+        return value
 
 
 # ---------------------------------------------------------------- sources
@@ -418,6 +435,8 @@ class PipelineSpec(_Strict):
     partitions: PartitionsSpec = Field(default_factory=PartitionsSpec)
     # The batch ledger (a Delta table): every committed batch's ranges, trigger, versions and run id.
     ledger_table: str | None = None
+    # Object-store options for this pipeline's tables, over the environment's (see storage.py).
+    storage: StorageSpec = Field(default_factory=StorageSpec)
     # Keep the payload bytes in the target's `_raw` column. Default: on where the broker cannot replay
     # (MQTT, NATS work-queue/interest streams), so backfills re-read the lake instead.
     keep_raw: bool | None = None
@@ -485,16 +504,11 @@ class PipelinesFile(_Strict):
 
 
 def lake_root() -> str:
-    return os.environ.get("LAKE_ROOT", str(REPO_ROOT / "lake"))
+    return storage.lake_root()
 
 
 def resolve_table_uri(table: str, root: str | None = None) -> str:
-    if "://" in table or table.startswith("/"):
-        return table
-    base = root or lake_root()
-    if "://" in base:
-        return f"{base.rstrip('/')}/{table}"
-    return str(Path(base).resolve() / table)
+    return storage.resolve_table_uri(table, root)
 
 
 def pipelines_file() -> Path:

@@ -27,6 +27,11 @@ def armed(name: str) -> bool:
     return os.environ.get("INGEST_FAULT") == name
 
 
+def requested(name: str) -> bool:
+    """Whether INGEST_FAULT asks to kill or to stall the process at `name`."""
+    return os.environ.get("INGEST_FAULT") in (name, f"stall:{name}")
+
+
 def fault_point(name: str) -> None:
     """Crash tests: SIGKILL here, or stall here until the test removes INGEST_FAULT_FILE."""
     fault = os.environ.get("INGEST_FAULT")

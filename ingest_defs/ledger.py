@@ -24,9 +24,10 @@ from typing import Any
 
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError
 
 from ingest_defs.sources.base import PartitionRange
+from ingest_defs.storage import Location, location, table_location
 
 TS = pl.Datetime("us", "UTC")
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
@@ -104,23 +105,27 @@ def partition_stats(frame: pl.DataFrame) -> dict[int, PartitionStats]:
 class Ledger:
     """The ledger table of one pipeline."""
 
-    def __init__(self, uri: str, pipeline: str, storage_options: dict[str, str] | None = None,
+    def __init__(self, uri: str | Location, pipeline: str, storage_options: dict[str, str] | None = None,
                  partition_of: Callable[[datetime], str] | None = None):
-        self.uri, self.pipeline, self.storage_options = uri, pipeline, storage_options
+        self.location = uri if isinstance(uri, Location) else location(uri, storage_options)
+        self.uri, self.pipeline, self.storage_options = self.location.uri, pipeline, self.location.options
         # the partition of a commit time, for commits made before the ledger existed (no partition in metadata)
         self.partition_of = partition_of
         self.app_id = f"{pipeline}/ledger"
         self._table: DeltaTable | None = None
 
+    @classmethod
+    def of(cls, spec: Any, partition_of: Callable[[datetime], str] | None = None) -> Ledger:
+        """The pipeline's ledger table, with the pipeline's storage options."""
+        return cls(table_location(spec, "ledger"), spec.name, partition_of=partition_of)
+
     def table(self) -> DeltaTable | None:
         """The ledger table at its latest version (opened once, then refreshed incrementally)."""
         if self._table is None:
-            try:
-                self._table = DeltaTable(self.uri, storage_options=self.storage_options)
-            except TableNotFoundError:
-                return None
+            self._table = self.location.open()
         else:
-            self._table.update_incremental()
+            with self.location.failures("reading"):
+                self._table.update_incremental()
         return self._table
 
     def recorded_target_version(self) -> int | None:
@@ -142,9 +147,12 @@ class Ledger:
             try:
                 table = self.table()
                 # merge: a ledger made before a column was added gains it (older rows read as null)
-                write_deltalake(table if table is not None else self.uri, frame.to_arrow(), mode="append",
-                                schema_mode="merge",  # ledgers from before a column was added gain it
-                                commit_properties=props, storage_options=None if table is not None else self.storage_options)
+                if table is None:
+                    self.location.write(frame.to_arrow(), mode="append", commit_properties=props, schema_mode="merge")
+                else:
+                    with self.location.failures("committing to the ledger table"):
+                        write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge",
+                                        commit_properties=props)
                 return
             except CommitFailedError:
                 if attempt == 4:
@@ -154,10 +162,11 @@ class Ledger:
     def frame(self, filters: pl.Expr | None = None) -> pl.DataFrame:
         if self.table() is None:
             return pl.DataFrame(schema=LEDGER_SCHEMA)
-        scan = pl.scan_delta(self.uri, storage_options=self.storage_options)
+        scan = self.location.scan()
         if filters is not None:
             scan = scan.filter(filters)
-        return scan.collect()
+        with self.location.failures("reading"):
+            return scan.collect()
 
     def live_batches(self, filters: pl.Expr | None = None) -> list[LedgerBatch]:
         """Committed live batches (optionally filtered), oldest first."""
@@ -165,7 +174,8 @@ class Ledger:
         return batches_from_rows(self.frame(expr if filters is None else expr & filters))
 
     # ------------------------------------------------------------ repair
-    def repair(self, target: DeltaTable | None, quarantine_uri: str, max_commits: int = 1000) -> list[str]:
+    def repair(self, target: DeltaTable | None, quarantine: str | Location, max_commits: int = 1000,
+               target_location: Location | None = None) -> list[str]:
         """Record live batches the target committed but the ledger missed (a crash between the two commits)."""
         if target is None:
             return []
@@ -183,22 +193,25 @@ class Ledger:
         missing = [c for c in commits if c["ingest.batch_id"] not in known]
         if not missing:
             return []
-        stats = self._stats_of([c["ingest.batch_id"] for c in missing], target, quarantine_uri)
+        quarantine = quarantine if isinstance(quarantine, Location) else location(quarantine)
+        target_location = target_location or location(target.table_uri)
+        stats = self._stats_of([c["ingest.batch_id"] for c in missing], target, target_location, quarantine)
         rows: list[dict[str, Any]] = []
         for commit in sorted(missing, key=lambda c: c["version"]):
             rows.extend(self._rebuild(commit, stats.get(commit["ingest.batch_id"], {})))
         self.append(rows, target_version=max(c["version"] for c in missing))
         return [c["ingest.batch_id"] for c in missing]
 
-    def _stats_of(self, batch_ids: list[str], target: DeltaTable,
-                  quarantine_uri: str) -> dict[str, dict[int, PartitionStats]]:
+    def _stats_of(self, batch_ids: list[str], target: DeltaTable, target_location: Location,
+                  quarantine: Location) -> dict[str, dict[int, PartitionStats]]:
         """Per batch and source partition, from the rows holding those batch ids (one scan per table)."""
         cols = ["_batch_id", "_partition", "_offset", "_timestamp"]
-        uris = [target.table_uri]
-        if DeltaTable.is_deltatable(quarantine_uri, storage_options=self.storage_options):
-            uris.append(quarantine_uri)
-        rows = pl.concat([pl.scan_delta(uri, storage_options=self.storage_options)
-                          .filter(pl.col("_batch_id").is_in(batch_ids)).select(cols).collect() for uri in uris])
+        # the target at the snapshot repair is looking at
+        scans = [pl.scan_delta(target, storage_options=target_location.polars_options())]
+        if quarantine.exists():
+            scans.append(quarantine.scan())
+        with quarantine.failures("reading"):
+            rows = pl.concat([scan.filter(pl.col("_batch_id").is_in(batch_ids)).select(cols).collect() for scan in scans])
         return {batch_id: partition_stats(group) for (batch_id,), group in rows.group_by("_batch_id")}
 
     def _rebuild(self, commit: dict[str, Any], stats: dict[int, PartitionStats]) -> list[dict[str, Any]]:

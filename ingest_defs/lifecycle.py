@@ -248,7 +248,8 @@ class BatchRunner:
         """Record batches a crash left without their ledger row (committed to the target, not to the ledger)."""
         if self.ledger is None:
             return
-        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.uri)
+        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.location,
+                                      target_location=self.target.location)
         if repaired:
             self.ctx.info(f"{self.spec.name}: ledger rows rebuilt for batches {', '.join(repaired)}")
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltalake import CommitProperties, DeltaTable
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError
 
 from ingest_defs.config import MaintenanceSpec
+from ingest_defs.storage import Location, location
 
 LOG_RETENTION_PROP = "delta.logRetentionDuration"
 FILE_RETENTION_PROP = "delta.deletedFileRetentionDuration"
@@ -76,15 +77,21 @@ def table_properties(settings: MaintenanceSpec) -> dict[str, str]:
             CHECKPOINT_INTERVAL_PROP: str(settings.checkpoint_interval)}
 
 
-def maintain_table(uri: str, settings: MaintenanceSpec, *,
+def maintain_table(uri: str | Location, settings: MaintenanceSpec, *,
                    vacuum_retention_hours: int | None = None) -> MaintenanceReport:
     """Compact small files, write a checkpoint, clean up expired log entries, vacuum; report before/after.
 
     `vacuum_retention_hours` overrides the time-travel period for vacuum only (tests and one-off cleanups
     with no writer running); the pipelines file cannot set it below an hour."""
-    try:
-        table = DeltaTable(uri)
-    except TableNotFoundError:
+    where = uri if isinstance(uri, Location) else location(uri)
+    with where.failures("maintaining"):
+        return _maintain(where, settings, vacuum_retention_hours)
+
+
+def _maintain(where: Location, settings: MaintenanceSpec, vacuum_retention_hours: int | None) -> MaintenanceReport:
+    uri = where.uri
+    table = where.open()
+    if table is None:
         return MaintenanceReport(uri, before=None)
     report = MaintenanceReport(uri, before=table_stats(table))
     commit = CommitProperties(custom_metadata={"ingest.operation": "maintenance"})

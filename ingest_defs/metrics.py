@@ -280,8 +280,8 @@ class PipelineProbe:
         self.spec = spec
         self._source_factory = source_factory
         self._source: Source | None = None
-        self.target = DeltaTableSink(spec.table_uri(), spec.name, "target")
-        self.quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
+        self.target = DeltaTableSink.of(spec, "target")
+        self.quarantine = DeltaTableSink.of(spec, "quarantine")
         self.ledger = LedgerReader(Ledger(spec.ledger_uri(), spec.name))
         self._ledger_totals: LedgerTotals | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"metrics-{spec.name}")

@@ -92,13 +92,13 @@ class Replayer:
 
     # ------------------------------------------------------------ which batches
     def batches_for_partitions(self, partition_keys: list[str]) -> list[LedgerBatch]:
-        self.ledger.repair(self.target.table(refresh=True), self.quarantine.uri)
+        self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, target_location=self.target.location)
         return self.ledger.live_batches(pl.col("partition_key").is_in(partition_keys))
 
     def batches_for_range(self, low: int | datetime, high: int | datetime,
                           source_partition: int | None = None) -> list[LedgerBatch]:
         """Live batches overlapping an offset range (ints) or a broker-time range (datetimes), inclusive."""
-        self.ledger.repair(self.target.table(refresh=True), self.quarantine.uri)
+        self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, target_location=self.target.location)
         if isinstance(low, datetime) and isinstance(high, datetime):
             overlap = (pl.col("last_timestamp") >= low) & (pl.col("first_timestamp") <= high)
         else:
@@ -190,8 +190,8 @@ class Replayer:
 
     def _read_lake(self, batch: LedgerBatch) -> tuple[RawBatch | None, pl.DataFrame | None, str]:
         expr = _range_expr(batch)
-        target = pl.scan_delta(self.target.uri).filter(expr).collect() if self.target.table() else pl.DataFrame()
-        quarantine = (pl.scan_delta(self.quarantine.uri).filter(expr).collect()
+        target = self.target.location.scan().filter(expr).collect() if self.target.table() else pl.DataFrame()
+        quarantine = (self.quarantine.location.scan().filter(expr).collect()
                       if self.quarantine.table() else pl.DataFrame())
         carried = None
         if target.height and ("_raw" not in target.columns or target["_raw"].null_count()):

@@ -12,9 +12,10 @@ from typing import Any
 
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError
 
 from ingest_defs import faults
+from ingest_defs.storage import Location, location, table_location
 
 PROP_PREFIX = "ingest."
 TXN_RETENTION_PROP = "delta.setTransactionRetentionDuration"
@@ -37,20 +38,25 @@ class Committed:
 class DeltaTableSink:
     """One Delta table (target or quarantine) of one pipeline."""
 
-    def __init__(self, uri: str, pipeline: str, role: str, storage_options: dict[str, str] | None = None):
-        self.uri, self.pipeline, self.role = uri, pipeline, role
-        self.storage_options = storage_options
+    def __init__(self, uri: str | Location, pipeline: str, role: str, storage_options: dict[str, str] | None = None):
+        # A bare path or URI gets its storage options from the environment (storage.py), plus `storage_options`.
+        self.location = uri if isinstance(uri, Location) else location(uri, storage_options)
+        self.uri, self.pipeline, self.role = self.location.uri, pipeline, role
+        self.storage_options = self.location.options
         self._table: DeltaTable | None = None
+
+    @classmethod
+    def of(cls, spec: Any, role: str) -> DeltaTableSink:
+        """The pipeline's `target` or `quarantine` table, with the pipeline's storage options."""
+        return cls(table_location(spec, role), spec.name, role)
 
     # ------------------------------------------------------------ reading state
     def table(self, refresh: bool = True) -> DeltaTable | None:
         if self._table is None:
-            try:
-                self._table = DeltaTable(self.uri, storage_options=self.storage_options)
-            except TableNotFoundError:
-                return None
+            self._table = self.location.open()
         elif refresh:
-            self._table.update_incremental()
+            with self.location.failures("reading"):
+                self._table.update_incremental()
         return self._table
 
     def versions(self, app_ids: list[str] | None = None, refresh: bool = True) -> dict[str, int | None]:
@@ -95,19 +101,20 @@ class DeltaTableSink:
         if self.table(refresh=False) is not None:
             return
         try:
-            write_deltalake(self.uri, template.clear().to_arrow(), mode="error", partition_by=partition_by or None,
-                            storage_options=self.storage_options)
+            self.location.write(template.clear().to_arrow(), mode="error", partition_by=partition_by or None)
         except (CommitFailedError, DeltaError) as exc:
-            if DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+            if self.location.exists():
                 return  # another writer created it first
             raise SinkError(f"pipeline '{self.pipeline}': cannot create {self.role} table {self.uri}: {exc}") from exc
-        table = DeltaTable(self.uri, storage_options=self.storage_options)
+        table = self.location.open()
+        assert table is not None
         props = {PROP_PREFIX + "pipeline": self.pipeline, PROP_PREFIX + "role": self.role,
                  **{PROP_PREFIX + k: v for k, v in identity.items()}}
         for attempt in range(5):  # a concurrent first batch may commit in between; the properties are idempotent
             try:
-                table.update_incremental()
-                table.alter.set_table_properties(props, raise_if_not_exists=False)
+                with self.location.failures("creating"):
+                    table.update_incremental()
+                    table.alter.set_table_properties(props, raise_if_not_exists=False)
                 break
             except CommitFailedError:
                 if attempt == 4:
@@ -127,27 +134,31 @@ class DeltaTableSink:
             app_transactions=[Transaction(app_id, version) for app_id, version in txns.items()],
             custom_metadata={k: v for k, v in metadata.items() if v is not None},
         )
-        if self.role == "target" and faults.armed("during_target_commit"):
+        if self.role == "target" and faults.requested("during_target_commit"):
             self._die_between_data_files_and_log(frame)
         try:
-            write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge", commit_properties=commit)
+            with self.location.failures(f"committing a batch to the {self.role} table"):
+                write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge", commit_properties=commit)
+                table.update_incremental()
         except CommitFailedError as exc:
             # Nothing of ours landed: a concurrent txn on our app id or a metadata change. The caller
             # re-plans from Delta, so whatever the other writer did is kept.
             raise ConcurrentBatchError(str(exc)) from exc
-        table.update_incremental()
         return Committed(table.version(), frame.height)
 
     def _die_between_data_files_and_log(self, frame: pl.DataFrame) -> None:
         """Fault injection: the state a kill -9 inside `write_deltalake` leaves — the commit's parquet file in
-        the table directory, no log entry for it — then SIGKILL. Readers must never see those rows, and the
-        batch must land exactly once when it is re-run."""
+        the table directory (local or S3), no log entry for it — then SIGKILL (or stall, for a test that stops
+        the object store here). Readers must never see those rows, and the batch must land exactly once when it
+        is re-run."""
+        import io
         import uuid
 
         import pyarrow.parquet as pq
 
-        if "://" not in self.uri:
-            pq.write_table(frame.to_arrow(), f"{self.uri}/part-00000-{uuid.uuid4()}-c000.snappy.parquet")
+        buffer = io.BytesIO()
+        pq.write_table(frame.to_arrow(), buffer)
+        self.location.put_bytes(f"part-00000-{uuid.uuid4()}-c000.snappy.parquet", buffer.getvalue())
         faults.fault_point("during_target_commit")
 
     def replace(self, frame: pl.DataFrame, predicate: str, txns: dict[str, int], metadata: dict[str, Any],
@@ -168,13 +179,14 @@ class DeltaTableSink:
                 raise SinkError(f"pipeline '{self.pipeline}': {self.role} table {self.uri} does not exist")
             self._check_schema_change(table, frame)
             try:
-                write_deltalake(table, frame.to_arrow(), mode="overwrite", predicate=predicate, schema_mode="merge",
-                                commit_properties=commit)
+                with self.location.failures(f"replacing rows of the {self.role} table"):
+                    write_deltalake(table, frame.to_arrow(), mode="overwrite", predicate=predicate,
+                                    schema_mode="merge", commit_properties=commit)
+                    table.update_incremental()
             except CommitFailedError:
                 if attempt == attempts - 1:
                     raise
                 continue
-            table.update_incremental()
             return Committed(table.version(), frame.height)
         raise AssertionError("unreachable")
 
@@ -196,12 +208,13 @@ class DeltaTableSink:
         table = self.table(refresh=False)
         if table is None:
             return set()
-        frame = pl.scan_delta(self.uri, storage_options=self.storage_options).filter(
+        frame = self.location.scan().filter(
             (pl.col("_partition") == app_partition) & (pl.col("_offset") > low) & (pl.col("_offset") <= high)
         )
         if stream_filter is not None:
             frame = frame.filter(pl.col("_stream") == stream_filter)
-        return set(frame.select("_offset").collect().get_column("_offset").to_list())
+        with self.location.failures("reading"):
+            return set(frame.select("_offset").collect().get_column("_offset").to_list())
 
     def row_count(self) -> int:
         table = self.table()

@@ -121,8 +121,8 @@ def read_status(spec: PipelineSpec) -> PipelineStatus:
 
     source = source_for(spec)
     try:
-        figures = pipeline_figures(source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                                   DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"))
+        figures = pipeline_figures(source, DeltaTableSink.of(spec, "target"),
+                                   DeltaTableSink.of(spec, "quarantine"))
         note = source.status_note() if hasattr(source, "status_note") else None
         return PipelineStatus(spec.name, spec.source.kind, figures, note=note)
     except Exception as exc:  # one broken pipeline must not hide the others

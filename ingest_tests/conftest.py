@@ -21,6 +21,7 @@ import pytest
 from ingest_defs.assets.ingestion import job_name, op_name
 from ingest_defs.config import REPO_ROOT, PipelineSpec, dump_pipelines, parse_pipeline
 from ingest_defs.factory import build_definitions
+from ingest_defs.storage import Location, location, table_location
 
 _counter = itertools.count()
 
@@ -36,6 +37,29 @@ def stack() -> Iterator[None]:
     if manager.status() != 0:
         assert manager.up() == 0, "could not start the broker stack"
     yield
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> dict[str, str]:
+    """The stack's S3 server (versitygw), started once per session if it is not up: its client settings."""
+    from ingest_defs.stack import manager, s3
+
+    if os.environ.get("INGEST_STACK_EXTERNAL") == "1":  # a server the caller runs: its AWS_* settings
+        names = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        return {"INGEST_S3_BUCKET": s3.bucket(), **{k: os.environ[k] for k in names if k in os.environ}}
+    if manager.status(with_s3=True, brokers=False) != 0:
+        assert manager.up(with_s3=True, brokers=False) == 0, "could not start the S3 server"
+    return {**s3.client_env(), **s3.load_secrets(s3.Layout(manager.stack_dir() / "s3"))}
+
+
+@pytest.fixture
+def s3_lake(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """LAKE_ROOT on the stack's S3 server (a prefix of its own), with the AWS_* settings in the environment."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    root = f"s3://{s3_server['INGEST_S3_BUCKET']}/tests/{unique('lake')}"
+    monkeypatch.setenv("LAKE_ROOT", root)
+    return root
 
 
 @pytest.fixture
@@ -124,19 +148,14 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "run failed"
 
 
-def read_table(uri: str) -> pl.DataFrame:
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        DeltaTable(uri)
-    except TableNotFoundError:
-        return pl.DataFrame()
-    return pl.read_delta(uri)
+def read_table(uri: str | Location) -> pl.DataFrame:
+    """A whole table (local or S3, through ingest_defs.storage), or an empty frame when there is none."""
+    where = uri if isinstance(uri, Location) else location(uri)
+    return where.read() if where.exists() else pl.DataFrame()
 
 
 def landed(spec: PipelineSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
-    return read_table(spec.table_uri()), read_table(spec.quarantine_uri())
+    return read_table(table_location(spec, "target")), read_table(table_location(spec, "quarantine"))
 
 
 def offsets_of(frame: pl.DataFrame) -> list[tuple[int, int]]:

@@ -117,11 +117,11 @@ def test_dockerfile_installs_locked_deps_and_postgres_dagster_yaml() -> None:
     dagster_yaml = yaml.safe_load((REPO / "deploy" / "dagster.postgres.yaml").read_text())
     db = dagster_yaml["storage"]["postgres"]["postgres_db"]
     assert db["hostname"] == {"env": "DAGSTER_POSTGRES_HOSTNAME"}
-    # dagster-postgres must match the locked dagster (1.x.y <-> 0.(x+16).y).
+    # dagster-postgres must be locked, matching the locked dagster (1.x.y <-> 0.(x+16).y).
     lock = (REPO / "uv.lock").read_text()
     version = lock.split('name = "dagster"\nversion = "', 1)[1].split('"', 1)[0]
     major, minor, patch = version.split(".")
-    assert f'dagster-postgres==0.{int(minor) + 16}.{patch}"' in dockerfile
+    assert f'name = "dagster-postgres"\nversion = "0.{int(minor) + 16}.{patch}"' in lock
 
 
 def test_workspace_loads_the_definitions_module() -> None:

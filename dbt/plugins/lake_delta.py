@@ -12,6 +12,9 @@ that and adds:
 - a missing table fails with a message that says which pipeline has not written it yet.
 
 Source meta (in models/sources.yml): `delta_table_path` (required), `storage_options`, `as_of_version`.
+The table is opened through `ingest_defs.storage`, like every other reader: an `s3://` path gets its
+options (endpoint, credentials, retries) from the environment, so no secret is written into sources.yml
+or the manifest; `storage_options` in the source meta override them.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 from dbt.adapters.duckdb.plugins.delta import Plugin as DeltaPlugin
-from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
+
+from ingest_defs.storage import location
 
 VERSION_COLUMN = "_delta_version"
 
@@ -32,14 +35,13 @@ class Plugin(DeltaPlugin):
         path = source_config.get("delta_table_path")
         if not path:
             raise ValueError(f"source {source_config.table_name()}: meta.delta_table_path is required")
-        try:
-            table = DeltaTable(path, storage_options=source_config.get("storage_options") or None)
-        except TableNotFoundError as exc:
+        table = location(path, source_config.get("storage_options") or None).open()
+        if table is None:
             raise RuntimeError(
                 f"source {source_config.table_name()}: no Delta table at {path}. Its ingestion pipeline has "
                 "not written it yet (or LAKE_ROOT points elsewhere); build only the models over tables that "
                 "exist, e.g. `dbt build --select +gold_user_activity_1m`."
-            ) from exc
+            )
         as_of = source_config.get("as_of_version")
         if as_of not in (None, ""):
             table.load_as_version(int(as_of))

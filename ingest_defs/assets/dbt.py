@@ -34,6 +34,7 @@ from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
 from ingest_defs.assets.ingestion import target_key
 from ingest_defs.config import REPO_ROOT, PipelineSpec, lake_root, resolve_table_uri
+from ingest_defs.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,13 @@ class LakehouseTranslator(DagsterDbtTranslator):
 def dbt_env(lake: str | None = None) -> dict[str, str]:
     """What dbt needs in its environment: an absolute LAKE_ROOT and the project/profiles directory."""
     root = lake or lake_root()
+    env = {"DBT_PROJECT_DIR": str(DBT_PROJECT_DIR), "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR)}
     if "://" not in root:
         root = str(Path(root).resolve())
-    return {"LAKE_ROOT": root, "DBT_PROJECT_DIR": str(DBT_PROJECT_DIR), "DBT_PROFILES_DIR": str(DBT_PROJECT_DIR)}
+    elif not os.environ.get("DBT_DUCKDB_PATH"):
+        # DuckDB's file cannot live in an object store: a lake on S3 keeps the warehouse on local disk.
+        env["DBT_DUCKDB_PATH"] = str(REPO_ROOT / "lake" / "warehouse.duckdb")
+    return {"LAKE_ROOT": root, **env}
 
 
 def dbt_executable() -> str:
@@ -93,12 +98,10 @@ def table_uris(specs: Mapping[str, PipelineSpec]) -> dict[dg.AssetKey, str]:
 
 def missing_sources(manifest: Mapping[str, Any], uris: Mapping[dg.AssetKey, str]) -> list[str]:
     """Source selectors whose Delta table does not exist (yet): their downstream models cannot build."""
-    from deltalake import DeltaTable
-
     missing = []
     for selector, key in source_selectors(manifest).items():
         uri = uris.get(key) or resolve_table_uri("/".join(key.path))
-        if not DeltaTable.is_deltatable(uri):
+        if not location(uri).exists():
             missing.append(selector)
     return missing
 
@@ -130,7 +133,7 @@ def build_dbt_assets(manifest: Mapping[str, Any], specs: Mapping[str, PipelineSp
                 pool=DBT_POOL, op_tags={"ingest/layer": "dbt"})
     def _dbt(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
         # DbtCliResource hands os.environ to dbt: make LAKE_ROOT absolute there (dbt runs in dbt/).
-        os.environ["LAKE_ROOT"] = dbt_env()["LAKE_ROOT"]
+        os.environ.update({k: v for k, v in dbt_env().items() if k in ("LAKE_ROOT", "DBT_DUCKDB_PATH")})
         missing = missing_sources(manifest, table_uris(specs))
         if missing:
             context.log.warning(f"no Delta table yet for {', '.join(missing)}: their models are skipped this run")
@@ -174,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def duckdb_path() -> str:
-    return os.environ.get("DBT_DUCKDB_PATH") or f"{dbt_env()['LAKE_ROOT']}/warehouse.duckdb"
+    env = dbt_env()
+    return os.environ.get("DBT_DUCKDB_PATH") or env.get("DBT_DUCKDB_PATH") or f"{env['LAKE_ROOT']}/warehouse.duckdb"
 
 
 def show_gold(rows: int) -> None:

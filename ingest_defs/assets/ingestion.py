@@ -24,6 +24,8 @@ from ingest_defs.security import redact
 from ingest_defs.sink import DeltaTableSink, SinkError
 from ingest_defs.sources.base import PartitionRange, SourceError
 from ingest_defs.status import partition_lag
+from ingest_defs.storage import StorageConfigError, StorageError
+from ingest_defs.storage import redact as redact_storage
 
 BROKER_GROUP = "brokers"
 INGESTION_GROUP = "ingestion"
@@ -151,9 +153,9 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         tags = dict(context.run.tags)
         mode = run_mode(config.mode, tags, keys, partition_key_at(spec))
         source = getattr(context.resources, kind).source_for(spec)
-        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
-        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
-        ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
+        target = DeltaTableSink.of(spec, "target")
+        quarantine = DeltaTableSink.of(spec, "quarantine")
+        ledger = Ledger.of(spec, partition_of=lambda when: partition_key_at(spec, when))
         if mode == "replay":
             generation = tags.get("dagster/backfill") or context.run.run_id
             ctx = BatchContext(run_id=context.run.run_id, trigger="backfill" if "dagster/backfill" in tags else config.trigger,
@@ -162,8 +164,8 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
             try:
                 outcomes = replayer.replay(replayer.batches_for_partitions(keys or [partition_key_at(spec)]))
                 lag = live_lag(source, target)
-            except (SourceError, SinkError) as exc:
-                raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
+            except (SourceError, SinkError, StorageError, StorageConfigError) as exc:
+                raise dg.Failure(description=redact_storage(redact(str(exc), getattr(source, "secrets", ())))) from None
             finally:
                 source.close()
             for o in outcomes:
@@ -187,14 +189,14 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
                 broker_loss, warning = watch.finish()
                 if warning:
                     context.log.warning(warning)
-        except (GapError, SourceError, SinkError) as exc:
-            raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
+        except (GapError, SourceError, SinkError, StorageError, StorageConfigError) as exc:
+            raise dg.Failure(description=redact_storage(redact(str(exc), getattr(source, "secrets", ())))) from None
         except Exception as exc:
             # A client library's own error: shown as is, unless it echoes a secret.
             secrets = getattr(source, "secrets", ())
             text = f"{type(exc).__name__}: {exc}"
-            if redact(text, secrets) != text:
-                raise dg.Failure(description=redact(text, secrets)) from None
+            if redact_storage(redact(text, secrets)) != text:
+                raise dg.Failure(description=redact_storage(redact(text, secrets))) from None
             raise
         finally:
             source.close()

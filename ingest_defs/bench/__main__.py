@@ -3,8 +3,10 @@
 Sections (default: all): throughput (Kafka 1M at 1 and 4 partitions and as Avro, NATS 500k, MQTT 200k, each against
 the bare client in the same run), overhead (1,000 small batches, maintenance on and off), memory (1M
 and 5M backlogs), freshness (daemon + 5 s sensors, one pipeline, then four together, uniform and bursty
-traffic), metrics (the cost of a Prometheus scrape with 8 pipelines), soak (the shipped pipelines under
-`dagster dev` for 30 minutes, `--soak-minutes`). The figures go
+traffic), metrics (the cost of a Prometheus scrape with 8 pipelines), s3 (the Kafka 1-partition throughput
+row and the per-batch overhead row with maintenance on, again with the tables on the stack's S3 server,
+beside the local-disk rows of the same run), soak (the shipped pipelines under `dagster dev` for 30
+minutes, `--soak-minutes`). The figures go
 to `<lake>/_bench/results.json` and a chart to `<lake>/_bench/results.png`; how each is defined is in
 the README's performance section. `--quick` runs every section at a tenth of the size (a smoke run).
 """
@@ -31,7 +33,7 @@ from ingest_defs.config import lake_root
 console = Console(width=max(Console().width, 150))  # wide tables even when the output goes to a file
 
 
-SECTIONS = ["throughput", "overhead", "memory", "freshness", "metrics", "soak"]
+SECTIONS = ["throughput", "overhead", "memory", "freshness", "metrics", "s3", "soak"]
 TARGETS = {"kafka": 0.7, "nats": 0.8, "mqtt": 0.9}  # ratio A targets (facts.md)
 
 
@@ -165,6 +167,50 @@ def soak(quick: bool, minutes: float | None = None) -> dict[str, Any]:
     return result
 
 
+def s3(quick: bool, results: dict[str, Any]) -> dict[str, Any]:
+    """The Kafka throughput row and the per-batch overhead row again, the tables on the stack's S3 server."""
+    from ingest_defs.bench.kafka import bench_kafka
+    from ingest_defs.bench.overhead import bench_overhead
+    from ingest_defs.stack import manager
+    from ingest_defs.stack import s3 as s3_stack
+    from ingest_defs.storage import location
+
+    if manager.up(with_s3=True, brokers=False) != 0:
+        raise RuntimeError("the S3 server did not start (`ingest stack up --s3`)")
+    os.environ.update({**s3_stack.client_env(), **s3_stack.load_secrets(s3_stack.Layout(manager.stack_dir() / "s3"))})
+    root = f"s3://{s3_stack.bucket()}/bench/{time.strftime('%Y%m%dT%H%M%S')}"
+    scale = 10 if quick else 1
+    try:
+        kafka = bench_kafka(1_000_000 // scale, 1, 100_000 // scale, lake_uri=root)
+        overhead_rows = bench_overhead(batches=200 if quick else 1000, per_batch=20, every=20 if quick else 100,
+                                       lake_uri=root, modes=(True,))
+    finally:
+        try:
+            location(root).delete()
+        except OSError as exc:  # the figures matter more than the scratch objects
+            console.print(f"[yellow]could not delete {root}: {exc}[/]")
+    local_kafka = next((r for r in results.get("throughput", []) if r["name"] == "kafka 1 partition(s)"), None)
+    local_overhead = next((r for r in results.get("overhead", []) if r["maintenance"]), None)
+    table = Table("row", "storage", "batch path msg/s", "ratio A", "Dagster runs msg/s", "ratio B",
+                  title="Kafka throughput (1 partition): local disk vs S3 (versitygw on loopback)")
+    for label, r in (("local disk", local_kafka), ("S3", kafka)):
+        if r is not None:
+            table.add_row(r["name"], label, f"{r['path_rate']:,.0f}", f"{r['ratio']:.2f}",
+                          _fmt(r.get("dagster_rate"), ",.0f"), _fmt(r.get("ratio_b"), ".2f"))
+    console.print(table)
+    table = Table("storage", "last 100 median ms", "last 100 p95 ms", "open+plan", "read", "decode+validate",
+                  "write (commits)", "ack", "files at end",
+                  title="Per-batch overhead, maintenance on: local disk vs S3 (stage medians, ms)")
+    for label, r in (("local disk", local_overhead), ("S3", overhead_rows[0])):
+        if r is not None:
+            st = r.get("last100_stage_median_ms", {})
+            table.add_row(label, f"{r['last100_median_ms']:.1f}", f"{r['last100_p95_ms']:.1f}",
+                          *(_fmt(st.get(k), ".1f") for k in ("open_plan", "read", "decode_validate", "write", "ack")),
+                          str(r["files_at_end"]))
+    console.print(table)
+    return {"throughput": [kafka], "overhead": overhead_rows}
+
+
 def _delete_bench_topics() -> None:
     """The Kafka topics of this and earlier bench runs (NATS streams are deleted by their section)."""
     from confluent_kafka.admin import AdminClient
@@ -195,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     runners = {"throughput": throughput, "overhead": overhead, "memory": memory, "freshness": freshness,
                "metrics": metrics,
+               "s3": lambda quick: s3(quick, results),
                "soak": lambda quick: soak(quick, args.soak_minutes)}
     # Every table, work dir and daemon log of this run goes under one scratch dir, removed at the end.
     scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))

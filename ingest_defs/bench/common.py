@@ -31,9 +31,9 @@ def payload(i: int) -> bytes:
 
 
 def batch_runner(spec: PipelineSpec, source: Any) -> BatchRunner:
-    return BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                       DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"), BatchContext(trigger="bench"),
-                       ledger=Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when)))
+    return BatchRunner(spec, source, DeltaTableSink.of(spec, "target"),
+                       DeltaTableSink.of(spec, "quarantine"), BatchContext(trigger="bench"),
+                       ledger=Ledger.of(spec, partition_of=lambda when: partition_key_at(spec, when)))
 
 
 def publish_in_chunks(source: Any, label: str, messages: int, chunk: int = 10_000) -> None:

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from deltalake import DeltaTable
 from rich.progress import Progress
 
 from ingest_defs.bench.traffic import Shape, Traffic, uniform
 from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
 from ingest_defs.resources.brokers import source_for
+from ingest_defs.storage import table_location
 
 SCHEMA = {"columns": {"id": {"dtype": "int64", "nullable": False}, "sent_at": {"dtype": "float64"}}}
 VENV_BIN = Path(sys.executable).parent
@@ -68,18 +68,17 @@ def _publish(specs: list[Any], shape: Shape, seconds: float) -> dict[str, int]:
 
 
 def _latencies(spec: Any) -> list[float]:
-    table = DeltaTable(spec.table_uri())
+    where = table_location(spec)
+    table = where.open()
     committed_at = {c["ingest.batch_id"]: c["timestamp"] / 1000 for c in table.history() if "ingest.batch_id" in c}
-    rows = pl.read_delta(spec.table_uri(), columns=["sent_at", "_batch_id"])
+    rows = where.read(columns=["sent_at", "_batch_id"])
     visible = rows["_batch_id"].replace_strict(committed_at, return_dtype=pl.Float64)
     return (visible - rows["sent_at"]).to_list()
 
 
 def _rows(spec: Any) -> int:
-    try:
-        return DeltaTable(spec.table_uri()).to_pyarrow_dataset().count_rows()
-    except Exception:  # not created yet
-        return 0
+    table = table_location(spec).open()
+    return 0 if table is None else table.to_pyarrow_dataset().count_rows()  # None: not created yet
 
 
 def _wait_for_runs(home: Path, deadline: float) -> None:

@@ -23,6 +23,7 @@ from ingest_defs.bench.common import SCHEMA, batch_runner, payload
 from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
 from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
 from ingest_defs.sink import DeltaTableSink
+from ingest_defs.storage import join
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_KAFKA)
 def _produce(topic: str, messages: int, partitions: int, value: Any = None) -> None:
@@ -65,21 +66,22 @@ def _bare_read(topic: str, messages: int, partitions: int) -> float:
     return messages / took
 
 
-def bench_kafka(messages: int, partitions: int, batch: int) -> dict[str, Any]:
+def bench_kafka(messages: int, partitions: int, batch: int, lake_uri: str | None = None) -> dict[str, Any]:
+    """`lake_uri`: where the tables go (default a local scratch dir; `s3://...` for the S3 row)."""
     topic = f"bench_{partitions}p_{int(time.time())}"
     _produce(topic, messages, partitions)
     bare = max(_bare_read(topic, messages, partitions) for _ in range(2))
-    lake = Path(tempfile.mkdtemp(prefix="bench-lake-"))
+    lake = lake_uri or str(Path(tempfile.mkdtemp(prefix="bench-lake-")))
     spec = parse_pipeline(f"bench_{partitions}p", {
         "source": {"kafka": {"topic": topic, "partitions": partitions}}, "schema": SCHEMA,
-        "table": str(lake / "a" / "bronze"), "batch": {"max_messages": batch, "max_run_seconds": 3600}})
+        "table": join(lake, "a", "bronze"), "batch": {"max_messages": batch, "max_run_seconds": 3600}})
     # Best of two, like the bare read: each into a table of its own, so each reads everything.
-    path_seconds, results = min((_path(spec.model_copy(update={"table": str(lake / f"a{i}" / "bronze")}), messages)
+    path_seconds, results = min((_path(spec.model_copy(update={"table": join(lake, f"a{i}", "bronze")}), messages)
                                  for i in range(2)), key=lambda run: run[0])
     read_s = sum(r.duration_s for r in results)
-    dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": str(lake / "b" / "bronze")}), messages)
+    dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": join(lake, "b", "bronze")}), messages)
     return {
-        "name": f"kafka {partitions} partition(s)",
+        "name": f"kafka {partitions} partition(s)" + (" on S3" if lake_uri else ""),
         "messages": messages, "batch": batch, "batches": len(results),
         "bare_rate": bare, "path_rate": messages / path_seconds, "ratio": messages / path_seconds / bare,
         "batch_seconds": round(read_s, 2), "dagster_rate": dagster_rate, "ratio_b": dagster_rate / bare,
@@ -112,7 +114,7 @@ def _via_dagster_runs(spec, messages: int) -> float:
     took = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout + proc.stderr)
-    target = DeltaTableSink(spec.table_uri(), spec.name, "target")
+    target = DeltaTableSink.of(spec, "target")
     assert target.row_count() == messages
     return messages / took
 

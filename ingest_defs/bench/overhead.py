@@ -24,6 +24,7 @@ from ingest_defs.config import parse_pipeline
 from ingest_defs.maintenance import maintain_table
 from ingest_defs.resources.brokers import source_for
 from ingest_defs.sink import DeltaTableSink
+from ingest_defs.storage import TABLE_ROLES, join, table_location
 
 
 def _p(values: list[float], q: float) -> float:
@@ -31,16 +32,17 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _one_mode(batches: int, per_batch: int, maintenance: bool, every: int) -> dict[str, Any]:
+def _one_mode(batches: int, per_batch: int, maintenance: bool, every: int, lake_uri: str | None = None) -> dict[str, Any]:
     ts = time.time_ns()
-    lake = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    lake = lake_uri or str(Path(tempfile.mkdtemp(prefix="bench-overhead-")))
     spec = parse_pipeline(f"bench_overhead_{'on' if maintenance else 'off'}", {
         "source": {"kafka": {"topic": f"bench_overhead_{ts}", "partitions": 1}}, "schema": SCHEMA,
-        "table": str(lake / "a" / "bronze"), "batch": {"max_messages": per_batch}})
+        "table": join(lake, f"overhead_{ts}", "bronze"), "batch": {"max_messages": per_batch}})
     source = source_for(spec)
     source.ensure_exists()
     producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 0})
     times: list[float] = []
+    stages: list[dict[str, float]] = []
     maintenance_s: list[float] = []
     label = f"maintenance {'on' if maintenance else 'off'}"
     with Progress() as progress:
@@ -53,16 +55,19 @@ def _one_mode(batches: int, per_batch: int, maintenance: bool, every: int) -> di
             runner = batch_runner(spec, source)
             results = runner.run(max_batches=1)
             times.append(time.perf_counter() - started)
+            # the rest of the batch's time: opening the tables, identity and ledger checks, the plan
+            stages.append({**results[0].stage_s, "open_plan": times[-1] - sum(results[0].stage_s.values())})
             assert sum(r.rows_written for r in results) == per_batch, "a batch landed short"
             if maintenance and (i + 1) % every == 0:
                 t0 = time.perf_counter()
-                for uri in (spec.table_uri(), spec.quarantine_uri(), spec.ledger_uri()):  # as the job does
-                    maintain_table(uri, spec.maintenance)
+                for role in TABLE_ROLES:  # as the job does
+                    maintain_table(table_location(spec, role), spec.maintenance)
                 maintenance_s.append(time.perf_counter() - t0)
             progress.advance(task)
     source.close()
     first, last = times[:100], times[-100:]
-    files = len(DeltaTableSink(spec.table_uri(), spec.name, "target").table().file_uris())
+    files = len(DeltaTableSink.of(spec, "target").table().file_uris())
+    last_stages = stages[-100:]
     return {
         "maintenance": maintenance,
         "batches": batches,
@@ -73,9 +78,15 @@ def _one_mode(batches: int, per_batch: int, maintenance: bool, every: int) -> di
         "median_ratio_last_over_first": statistics.median(last) / statistics.median(first),
         "files_at_end": files,
         "maintenance_pass_median_s": statistics.median(maintenance_s) if maintenance_s else None,
+        # where a batch's time goes (last 100): open + plan, read, decode+validate, write (fence, commits,
+        # ledger), ack
+        "last100_stage_median_ms": {k: round(statistics.median(s.get(k, 0.0) for s in last_stages) * 1000, 1)
+                                    for k in ("open_plan", "read", "decode_validate", "write", "ack")},
         "per_batch_ms": [round(t * 1000, 2) for t in times],
     }
 
 
-def bench_overhead(batches: int = 1000, per_batch: int = 20, every: int = 100) -> list[dict[str, Any]]:
-    return [_one_mode(batches, per_batch, maintenance, every) for maintenance in (True, False)]
+def bench_overhead(batches: int = 1000, per_batch: int = 20, every: int = 100,
+                   lake_uri: str | None = None, modes: tuple[bool, ...] = (True, False)) -> list[dict[str, Any]]:
+    return [{**_one_mode(batches, per_batch, maintenance, every, lake_uri), "storage": "s3" if lake_uri else "local"}
+            for maintenance in modes]

@@ -12,6 +12,7 @@ import dagster as dg
 from ingest_defs.assets.ingestion import quarantine_key, target_key
 from ingest_defs.config import PipelineSpec
 from ingest_defs.maintenance import maintain_table
+from ingest_defs.storage import table_location
 
 
 def maintenance_job_name(spec: PipelineSpec) -> str:
@@ -22,7 +23,7 @@ def _maintenance_op(spec: PipelineSpec, role: str, uri: str, asset_key: dg.Asset
     @dg.op(name=f"{spec.name}_maintain_{role}", description=f"Compact, checkpoint, clean the log and vacuum {uri}",
            tags={"ingest/table": role})
     def maintain(context: dg.OpExecutionContext) -> None:
-        report = maintain_table(uri, spec.maintenance)
+        report = maintain_table(table_location(spec, role), spec.maintenance)  # options resolved in the run
         metadata = report.metadata()
         context.log.info(f"{spec.name} {role}: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
         if report.before is not None and asset_key is not None:  # the ledger is not an asset: logs only

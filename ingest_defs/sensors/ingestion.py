@@ -36,8 +36,8 @@ def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, so
             run_config={"ops": {op_name(spec): {"config": {"trigger": trigger, "mode": "live"}}}},
             tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger})
     try:
-        runner = BatchRunner(spec, source, DeltaTableSink(spec.table_uri(), spec.name, "target"),
-                             DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine"))
+        runner = BatchRunner(spec, source, DeltaTableSink.of(spec, "target"),
+                             DeltaTableSink.of(spec, "quarantine"))
         plan = runner.plan()
     finally:
         source.close()

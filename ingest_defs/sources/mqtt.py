@@ -127,6 +127,7 @@ from ingest_defs.sources.base import (
     SourceError,
     StoredVersion,
 )
+from ingest_defs.storage import table_location
 
 logger = logging.getLogger("ingest.mqtt")
 
@@ -738,14 +739,12 @@ class MqttSource:
 
     def _committed_tail(self, version: int, low: int) -> list[Fingerprint]:
         """Fingerprints of target ∪ quarantine rows with low < _offset <= version, in `_offset` order."""
-        from deltalake import DeltaTable
-
         frames = []
-        for uri in (self.spec.table_uri(), self.spec.quarantine_uri()):
-            if not DeltaTable.is_deltatable(uri):
+        for where in (table_location(self.spec, "target"), table_location(self.spec, "quarantine")):
+            if not where.exists():
                 continue
             try:
-                frame = (pl.scan_delta(uri)
+                frame = (where.scan()
                          .filter((pl.col("_offset") > low) & (pl.col("_offset") <= version))
                          .select("_offset", "_stream", PID_COLUMN, HASH_COLUMN)
                          .collect())
@@ -760,17 +759,15 @@ class MqttSource:
 
     def _find_committed(self, fingerprint: Fingerprint, low: int, high: int) -> int | None:
         """The latest `_offset` in (low, high] of a row with this fingerprint, in target ∪ quarantine."""
-        from deltalake import DeltaTable
-
         if high <= max(low, -1):
             return None
         pid, topic, digest = fingerprint
         found: list[int] = []
-        for uri in (self.spec.table_uri(), self.spec.quarantine_uri()):
-            if not DeltaTable.is_deltatable(uri):
+        for where in (table_location(self.spec, "target"), table_location(self.spec, "quarantine")):
+            if not where.exists():
                 continue
             try:
-                frame = (pl.scan_delta(uri)
+                frame = (where.scan()
                          .filter((pl.col("_offset") > low) & (pl.col("_offset") <= high)
                                  & (pl.col(PID_COLUMN) == pid) & (pl.col(HASH_COLUMN) == digest)
                                  & (pl.col("_stream") == topic))
@@ -1051,12 +1048,8 @@ class MqttSource:
         self._session_lost = False
 
     def _delta_version(self) -> int | None:
-        from deltalake import DeltaTable
-
-        uri = self.spec.table_uri()
-        if not DeltaTable.is_deltatable(uri):
-            return None
-        return DeltaTable(uri).transaction_version(self.app_id)
+        table = table_location(self.spec, "target").open()
+        return None if table is None else table.transaction_version(self.app_id)
 
     def close(self) -> None:
         # Buffered QoS 1 messages not taken stay unacknowledged: the broker resends them to the next session.

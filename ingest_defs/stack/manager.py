@@ -12,6 +12,8 @@ configs and pidfiles under one git-ignored folder (``INGEST_STACK_DIR``, default
       nats/      nats.conf          nats.log   nats.pid   nats.run.json   data/jetstream/
       mosquitto/ mosquitto.conf     mosquitto.log  mosquitto.pid  mosquitto.run.json
                  data/mosquitto.db
+      s3/        (`up --s3`) the S3 server, versitygw: see stack/s3.py
+      postgres/  (`up --postgres`) PostgreSQL for Dagster's storage: see stack/postgres.py
 
 Addresses come from ``KAFKA_BOOTSTRAP_SERVERS`` (default ``localhost:9092``), ``NATS_URL``
 (``nats://localhost:4222``) and ``MQTT_URL`` (``mqtt://localhost:1883``); the KRaft
@@ -55,8 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ingest_defs.stack import postgres, s3, secure
 from ingest_defs.stack import prometheus as prometheus_service
-from ingest_defs.stack import secure
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parents[1]
@@ -202,6 +204,9 @@ class Broker:
     extra_ports: dict[int, str] = field(default_factory=dict)  # port -> description
     root: Path = field(default_factory=stack_dir)
     after_ready: Callable[[], None] | None = None  # idempotent setup once it answers (secure Kafka: users, ACLs)
+    argv_marker: str | None = None  # what our process's argv holds (default: the config file's path)
+    popen: Callable[[], dict] | None = None  # extra Popen arguments (environment, OS user)
+    stop_signal: int = signal.SIGTERM
 
     @property
     def dir(self) -> Path:
@@ -321,6 +326,84 @@ def _secure_brokers() -> list[Broker]:
             root=layout.root,
         ),
     ]
+
+
+def s3_wanted() -> bool:
+    """`up` starts the S3 server when asked (`--s3`) or when the lake is on it: LAKE_ROOT=s3://... with
+    AWS_ENDPOINT_URL naming this machine (a lake on a real S3 needs no local server)."""
+    if not os.environ.get("LAKE_ROOT", "").startswith("s3://"):
+        return False
+    endpoint = urlsplit(os.environ.get("AWS_ENDPOINT_URL", ""))
+    return bool(endpoint.hostname) and _is_local(endpoint.hostname) and endpoint.port == s3.port()
+
+
+def _service_brokers(with_s3: bool, with_postgres: bool) -> list[Broker]:
+    """The S3 server (stack/s3.py) and PostgreSQL (stack/postgres.py), each under its own directory."""
+    root = stack_dir()
+    out = []
+    try:
+        if with_s3:
+            layout = s3.Layout(root / "s3")
+            out.append(Broker(
+                name="s3", label="S3", env_var="INGEST_S3_PORT", address=s3.endpoint(),
+                endpoint=Endpoint("127.0.0.1", s3.port()), binary=f"versitygw-{s3.VERSION}", timeout=30.0,
+                probe=lambda t: _probe_external_s3(t) if external() else s3.probe(layout, t),
+                write_config=lambda b: s3.argv(s3.Layout(b.dir)), root=root, argv_marker=str(layout.data),
+                after_ready=lambda: s3.ensure_bucket(layout),
+                popen=lambda: {"env": {**os.environ, **s3.server_env(layout)}},
+            ))
+            if os.environ.get("INGEST_VERSITYGW"):
+                out[-1].binary = Path(os.environ["INGEST_VERSITYGW"]).name
+        if with_postgres:
+            pg = postgres.Layout(root / "postgres")
+            out.append(Broker(
+                name="postgres", label="Postgres", env_var="INGEST_POSTGRES_PORT",
+                address=f"127.0.0.1:{postgres.port()}", endpoint=Endpoint("127.0.0.1", postgres.port()),
+                binary="postgres", timeout=60.0,
+                probe=lambda t: _probe_external_postgres(t) if external() else postgres.probe(pg, t),
+                write_config=lambda b: postgres.prepare(pg, apt_install), root=root, argv_marker=str(pg.data),
+                after_ready=lambda: postgres.ensure_database(pg), popen=postgres.popen_user,
+                stop_signal=signal.SIGINT,  # fast shutdown; SIGTERM waits for every client to leave
+            ))
+    except (s3.S3StackError, postgres.PostgresStackError) as exc:
+        raise StackError(str(exc)) from exc
+    return out
+
+
+def _prepare_services(brokers: list[Broker]) -> None:
+    """Credentials (made once) and the env.sh files of the S3 server and PostgreSQL."""
+    for b in brokers:
+        if b.name == "s3":
+            layout = s3.Layout(b.dir)
+            s3.load_secrets(layout, create=True)
+            s3.write_env_file(layout)
+            layout.binary.parent.mkdir(parents=True, exist_ok=True)
+            s3.ensure_binary(layout, say=_say, apt_install=apt_install)  # before the lock's timeouts start
+        if b.name == "postgres":
+            layout = postgres.Layout(b.dir)
+            postgres.load_password(layout, create=True)
+            postgres.write_env_file(layout)
+
+
+def _probe_external_s3(timeout: float) -> None:
+    """An S3 server the user runs (INGEST_STACK_EXTERNAL=1): a signed ListBuckets with the AWS_* settings."""
+    import pyarrow.fs as pafs
+
+    from ingest_defs.storage import location
+
+    fs, _ = location(f"s3://{s3.bucket()}").filesystem()
+    fs.get_file_info(pafs.FileSelector("", recursive=False))
+
+
+def _probe_external_postgres(timeout: float) -> None:
+    import psycopg2
+
+    with psycopg2.connect(host=os.environ.get("DAGSTER_POSTGRES_HOSTNAME", "127.0.0.1"), port=postgres.port(),
+                          user=os.environ.get("DAGSTER_POSTGRES_USER", postgres.USER),
+                          password=os.environ.get("DAGSTER_POSTGRES_PASSWORD", ""),
+                          dbname=os.environ.get("DAGSTER_POSTGRES_DB", postgres.DATABASE),
+                          connect_timeout=max(1, int(timeout))) as conn, conn.cursor() as cur:
+        cur.execute("select 1")
 
 
 def _prepare_secure() -> None:
@@ -493,7 +576,6 @@ def ensure_system_packages() -> None:
     SystemExit with the exact command to run. Only the binaries are used: the stack never
     relies on (or talks to) a system mosquitto/nats service.
     """
-    global _apt_updated
     missing = [b for b in SYSTEM_PACKAGES if not _which(b) and not (b == "java" and _has_java_home())]
     if not missing:
         return
@@ -503,6 +585,19 @@ def ensure_system_packages() -> None:
         )
     pkgs = sorted({SYSTEM_PACKAGES[b] for b in missing})
     _say(f"installing {' '.join(pkgs)} with apt-get (missing: {', '.join(missing)}) ...")
+    apt_install(pkgs)
+    still = [b for b in missing if not _which(b)]
+    if still:
+        raise SystemExit(
+            f"ingest stack: still missing {', '.join(still)} after apt-get install {' '.join(pkgs)}"
+        )
+
+
+def apt_install(pkgs: list[str]) -> None:
+    """apt-get install `pkgs` (root only; otherwise StackError with the command to run)."""
+    global _apt_updated
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise StackError(f"missing Debian packages; install with: sudo apt-get install -y {' '.join(pkgs)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         if not _apt_updated:
@@ -511,11 +606,6 @@ def ensure_system_packages() -> None:
         subprocess.run(["apt-get", "install", "-y", *pkgs], check=True, env=env, stdout=subprocess.DEVNULL)
     except subprocess.CalledProcessError as exc:
         raise SystemExit(f"ingest stack: `{shlex.join(exc.cmd)}` failed (exit {exc.returncode})") from exc
-    still = [b for b in missing if not _which(b)]
-    if still:
-        raise SystemExit(
-            f"ingest stack: still missing {', '.join(still)} after apt-get install {' '.join(pkgs)}"
-        )
 
 
 def _has_java_home() -> bool:
@@ -619,8 +709,8 @@ def _is_ours(b: Broker, pid: int) -> bool:
     if not _alive(pid):
         return False
     argv = _cmdline(pid)
-    config = str(b.config)
-    return bool(argv) and Path(argv[0]).name == b.binary and any(a == config or a.endswith(f"={config}") for a in argv)
+    marker = b.argv_marker or str(b.config)
+    return bool(argv) and Path(argv[0]).name == b.binary and any(a == marker or a.endswith(f"={marker}") for a in argv)
 
 
 def _read_pid(b: Broker) -> int | None:
@@ -818,6 +908,7 @@ def _start(b: Broker) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            **(b.popen() if b.popen else {}),
         )
     _CHILDREN[proc.pid] = proc
     b.pidfile.write_text(f"{proc.pid}\n")
@@ -1004,23 +1095,28 @@ def _services(prometheus: bool) -> list[Broker]:
     return [prometheus_service.service()] if prometheus else []
 
 
-def up(secure: bool = False, prometheus: bool = False) -> int:
-    """Start (or reuse) Kafka, NATS JetStream and Mosquitto (and Prometheus); wait until each answers.
+def up(secure: bool = False, with_s3: bool | None = None, with_postgres: bool = False, brokers: bool = True,
+       prometheus: bool = False) -> int:
+    """Start (or reuse) Kafka, NATS JetStream and Mosquitto (and the S3 server, PostgreSQL, Prometheus); wait
+    until each answers. `with_s3` None: only when the lake is on the stack's S3 server (`s3_wanted`).
+    `brokers=False`: only the services.
 
     Returns a process exit code (0 = all answer).
     """
     try:
-        brokers = _brokers(secure) + _services(prometheus)
+        services = _service_brokers(s3_wanted() if with_s3 is None else with_s3, with_postgres)
+        wanted = (_brokers(secure) if brokers else []) + services + _services(prometheus)
         if external():
-            return _up_external(brokers)
+            return _up_external(wanted)
         if secure:
             _prepare_secure()
-        rc = _up_native(brokers)
+        _prepare_services(services)
+        rc = _up_native(wanted)
         if rc == 0 and secure:
             _say(f"ingest stack: secure stack up; for its addresses, CA, client certificates and passwords: "
                  f"`. {_secure_layout().env_file}` (see the README's security section)")
         return rc
-    except StackError as exc:
+    except (StackError, s3.S3StackError, postgres.PostgresStackError) as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
 
@@ -1137,6 +1233,8 @@ def down(secure: bool | None = None, prometheus: bool = False, only: set[str] | 
         brokers = [] if secure or prometheus else _brokers()
         if secure is not False and not prometheus and _secure_layout().root.exists():
             brokers += _brokers(secure=True)
+        if not secure and not prometheus:  # the S3 server and PostgreSQL, if this stack ever ran them
+            brokers += _service_brokers((stack_dir() / "s3").exists(), (stack_dir() / "postgres").exists())
         if not secure and (stack_dir() / prometheus_service.NAME).exists():
             brokers += _services(prometheus=True)
         if only is not None:
@@ -1160,7 +1258,7 @@ def down(secure: bool | None = None, prometheus: bool = False, only: set[str] | 
                 continue
             b.address = _read_run(b).get("address") or b.address  # what it was started with
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, b.stop_signal)
             running[b.label] = pid
         deadline = time.monotonic() + STOP_TIMEOUT
         while running and time.monotonic() < deadline and any(_alive(p) for p in running.values()):
@@ -1194,10 +1292,12 @@ def down(secure: bool | None = None, prometheus: bool = False, only: set[str] | 
     return rc
 
 
-def status(secure: bool = False, prometheus: bool = False) -> int:
+def status(secure: bool = False, with_s3: bool | None = None, with_postgres: bool = False, brokers: bool = True,
+           prometheus: bool = False) -> int:
     """Print address, pid (if ours) and health of each broker; non-zero if any is not answering."""
     try:
-        brokers = _brokers(secure) + _services(prometheus)
+        services = _service_brokers(s3_wanted() if with_s3 is None else with_s3, with_postgres)
+        brokers = (_brokers(secure) if brokers else []) + services + _services(prometheus)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
