@@ -38,10 +38,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from ingest_defs.stack import manager
 
     if args.action == "up":
-        return manager.up(secure=args.secure)
+        return manager.up(secure=args.secure, cluster=args.cluster)
     if args.action == "down":
         return manager.down()
-    return manager.status(secure=args.secure)
+    return manager.status(secure=args.secure, cluster=args.cluster)
 
 
 def cmd_validate(_args: argparse.Namespace) -> int:
@@ -73,40 +73,88 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | None = None,
-                 trigger: str = "cli", quiet: bool = False):
-    """Run batches of one pipeline through its Dagster job, in this process, on the persistent instance."""
+                 trigger: str = "cli", quiet: bool = False, shard: int | None = None):
+    """Run batches of one pipeline (or of one shard of it) through its Dagster job, in this process, on the
+    persistent instance."""
     _ensure_dagster_home()
     from dagster import DagsterInstance
 
     from ingest_defs.assets.ingestion import job_name, op_name
     from ingest_defs.factory import build_definitions
     from ingest_defs.partitions import partition_key_at
+    from ingest_defs.shards import Shard, shard_job_name, shard_op_name
 
     defs = build_definitions({spec.name: spec})
-    job = defs.resolve_job_def(job_name(spec))
     config = {"trigger": trigger, "max_batches": max_batches, "mode": "live"}
     if max_seconds is not None:
         config["max_seconds"] = max_seconds
-    run_config = {"ops": {op_name(spec): {"config": config}},
-                  "loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "WARNING"}}}}
+    loggers = {"console": {"config": {"log_level": "ERROR" if quiet else "WARNING"}}}
+    tags = {"ingest/pipeline": spec.name, "ingest/trigger": trigger}
     with DagsterInstance.get() as instance:
+        if shard is not None:  # a shard's own job (its own pool): not partitioned
+            job = defs.resolve_job_def(shard_job_name(spec, shard))
+            return job.execute_in_process(run_config={"ops": {shard_op_name(spec, shard): {"config": config}},
+                                                      "loggers": loggers}, instance=instance, raise_on_error=False,
+                                          tags={**tags, "ingest/shard": Shard(shard, spec.shards).label})
+        job = defs.resolve_job_def(job_name(spec))
+        run_config = {"ops": {op_name(spec): {"config": config}}, "loggers": loggers}
         return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
-                                      partition_key=partition_key_at(spec),
-                                      tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger})
+                                      partition_key=partition_key_at(spec), tags=tags)
+
+
+def run_shards(spec: PipelineSpec, args: argparse.Namespace) -> int:
+    """All shards of a pipeline at once: one `ingest run <pipeline> --shard i` child process each (separate
+    runs and pools, as the daemon would launch them), their lines prefixed with the shard."""
+    import subprocess
+    import threading
+
+    extra = ["--max-batches", str(args.max_batches)]
+    if args.max_seconds is not None:
+        extra += ["--max-seconds", str(args.max_seconds)]
+    children = [(i, subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name, "--shard", str(i),
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                for i in range(spec.shards)]
+
+    def relay(i: int, child: subprocess.Popen) -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            console.print(f"[shard {i}] {line.rstrip()}", markup=False, soft_wrap=True, highlight=False)
+
+    relays = [threading.Thread(target=relay, args=c) for c in children]
+    for t in relays:
+        t.start()
+    codes = [child.wait() for _, child in children]
+    for t in relays:
+        t.join()
+    failed = [i for (i, _), code in zip(children, codes, strict=True) if code != 0]
+    if failed:
+        console.print(f"[red]{spec.name}: shard(s) {', '.join(map(str, failed))} failed[/]")
+    return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     specs = _load(None if args.pipeline == "all" else args.pipeline)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
+    if args.shard is not None:
+        spec = specs[names[0]]
+        if args.pipeline == "all" or not 0 <= args.shard < spec.shards:
+            raise ConfigError(spec.name if args.pipeline != "all" else None, "--shard",
+                              f"shard {args.shard} does not exist ({args.pipeline} has {spec.shards} shard(s))"
+                              if args.pipeline != "all" else "--shard needs one pipeline, not 'all'",
+                              f"give 0 ≤ --shard < {spec.shards}, or leave --shard out to run every shard")
     handler = _BatchLineHandler()
     logging.getLogger("ingest.batch").addHandler(handler)
     logging.getLogger("ingest.batch").setLevel(logging.INFO)
     status = 0
     for name in names:
-        result = run_pipeline(specs[name], args.max_batches, args.max_seconds)
+        if specs[name].shards > 1 and args.shard is None:
+            status = max(status, run_shards(specs[name], args))
+            continue
+        result = run_pipeline(specs[name], args.max_batches, args.max_seconds, shard=args.shard)
+        who = name if args.shard is None else f"{name} shard {args.shard}"
         if not result.success:
             status = 1
-            console.print(f"[red]{name}: run {result.run_id} failed[/]")
+            console.print(f"[red]{who}: run {result.run_id} failed[/]")
             for event in result.all_events:
                 if event.is_failure and event.event_specific_data is not None:
                     error = getattr(event.event_specific_data, "error", None)
@@ -114,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         console.print(f"[red]{error.message.strip()}[/]")
                         break
         else:
-            console.print(f"{name}: run {result.run_id} done ({handler.count} batches)")
+            console.print(f"{who}: run {result.run_id} done ({handler.count} batches)")
         handler.count = 0
     return status
 
@@ -151,6 +199,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             versions = target.versions([p.app_id for p in parts])
             lag = 0
             ends, positions = [], []
+            by_shard = dict.fromkeys(range(spec.shards), 0)
             for p in parts:
                 v = versions.get(p.app_id)
                 ends.append(f"{p.partition}:{'-' if p.last is None else p.last}")
@@ -158,7 +207,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if p.last is not None:
                     floor = (p.first - 1) if v is None else v
                     lag += max(0, p.last - floor)
-            table.add_row(name, spec.source.kind, " ".join(ends), " ".join(positions), str(lag),
+                    by_shard[p.partition % spec.shards] += max(0, p.last - floor)
+            shown = str(lag) if spec.shards == 1 else f"{lag} ({', '.join(f's{i} {n}' for i, n in by_shard.items())})"
+            table.add_row(name, spec.source.kind, " ".join(ends), " ".join(positions), shown,
                           _last_commit_time(target), str(quarantine.row_count()))
         except Exception as exc:  # one broken pipeline must not hide the others
             status = 1
@@ -366,12 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     stack = sub.add_parser("stack", help="the local broker stack (Kafka, NATS JetStream, Mosquitto)")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--secure", action="store_true", help="the secure stack: authentication, ACLs and TLS on, on its own ports (see README)")
+    stack.add_argument("--cluster", action="store_true",
+                       help="a 3-node Kafka cluster (KRaft, RF 3, min.insync.replicas 2) on its own ports (see README)")
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run batches of a pipeline through Dagster until caught up")
     run.add_argument("pipeline", help="pipeline name, or 'all'")
     run.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: until caught up)")
     run.add_argument("--max-seconds", type=float, default=None, help="time budget for the run")
+    run.add_argument("--shard", type=int, default=None,
+                     help="only this shard of a sharded pipeline (default: every shard, as concurrent runs)")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="broker end, Delta position, lag, last batch, quarantined rows")

@@ -340,6 +340,8 @@ class PipelineSpec(_Strict):
     partitions: PartitionsSpec = Field(default_factory=PartitionsSpec)
     # The batch ledger (a Delta table): every committed batch's ranges, trigger, versions and run id.
     ledger_table: str | None = None
+    # Kafka only: N concurrent runs, shard i owning the partitions p with p % N == i (see ingest_defs/shards.py).
+    shards: int = Field(default=1, ge=1, le=1024)
     # Keep the payload bytes in the target's `_raw` column. Default: on where the broker cannot replay
     # (MQTT, NATS work-queue/interest streams), so backfills re-read the lake instead.
     keep_raw: bool | None = None
@@ -552,6 +554,19 @@ def _check_semantics(spec: PipelineSpec, file: Path | None) -> None:
                           "set batch.max_messages to 65535 or less", file)
     if spec.source.mqtt:
         _reject_overlapping_filters(spec, file)
+    if spec.shards > 1 and not spec.source.kafka:
+        _refuse_shards(spec, file)
+
+
+def _refuse_shards(spec: PipelineSpec, file: Path | None) -> None:
+    # Shards own disjoint partitions; a NATS stream or an MQTT session is one ordered sequence with one
+    # offset (one transaction id), so two runs could only split it by racing on that one position.
+    why = {"nats": "a JetStream stream is one ordered sequence with one position (one transaction id)",
+           "mqtt": "an MQTT session is one ordered delivery with one position (one transaction id), "
+                   "and the broker allows one connection per client id"}[spec.source.kind]
+    raise ConfigError(spec.name, "shards", f"shards > 1 needs Kafka partitions: {why}, so it cannot be split "
+                      "into disjoint shards", "remove `shards:` (or set it to 1); split the data over several "
+                      "pipelines (subjects/topic filters) with their own tables instead", file)
 
 
 def _reject_overlapping_filters(spec: PipelineSpec, file: Path | None) -> None:

@@ -64,15 +64,17 @@ class BatchResult:
     partition_key: str = ""  # the ingestion-time partition the batch belongs to
     ingested_at: datetime | None = None  # `_ingested_at` of its rows
     stats: dict[int, PartitionStats] = field(default_factory=dict)  # per source partition, for the ledger
+    commit_retries: int = 0  # commit attempts lost to other writers (other shards, maintenance) and retried
 
     def summary(self, pipeline: str) -> str:
         ranges = ", ".join(f"p{r.partition}:{r.start}..{r.end}" for r in self.covered if r.count) or "-"
         if self.skipped:
             return f"{pipeline} batch {self.batch_id}: skipped ({self.skipped}) ranges {ranges}"
+        retried = f" | {self.commit_retries} commit retries" if self.commit_retries else ""
         rate = self.messages / self.duration_s if self.duration_s else 0.0
         return (f"{pipeline} batch {self.batch_id}: {ranges} | {self.messages} msgs → {self.rows_written} rows, "
                 f"{self.rows_quarantined} quarantined | delta v{self.target_version} | lag {self.lag_after} | "
-                f"{self.duration_s:.2f}s ({rate:,.0f} msg/s)")
+                f"{self.duration_s:.2f}s ({rate:,.0f} msg/s){retried}")
 
 
 @dataclass
@@ -84,6 +86,7 @@ class BatchContext:
     mode: str = "live"
     log: Callable[[str], None] | None = None
     partition_key: str | None = None  # the run's partition (None: the partition of each batch's plan time)
+    shard: str | None = None  # `i/N` when the run serves one shard of a sharded pipeline (the source is restricted)
 
     def info(self, message: str) -> None:
         logger.info(message)
@@ -212,7 +215,9 @@ class BatchRunner:
         """Record batches a crash left without their ledger row (committed to the target, not to the ledger)."""
         if self.ledger is None:
             return
-        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.uri)
+        # Only this run's own partitions: another shard's batch may be between its target and ledger commits.
+        app_ids = [p.app_id for p in self.source.state()]
+        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.uri, app_ids)
         if repaired:
             self.ctx.info(f"{self.spec.name}: ledger rows rebuilt for batches {', '.join(repaired)}")
 
@@ -253,6 +258,7 @@ class BatchRunner:
         result = BatchResult(batch_id=str(ULID()), planned=plan.ranges, started_at=time.time(),
                              started_monotonic=time.monotonic(), gaps=plan.gaps,
                              partition_key=self.ctx.partition_key or partition_key_at(self.spec))
+        fault_point("after_plan")
         raw = self.source.read(plan, self.spec.batch.max_bytes)
         result.stage_s["read"] = time.monotonic() - result.started_monotonic
         fault_point("after_read")
@@ -289,17 +295,22 @@ class BatchRunner:
         bad = self._drop_written(bad, raw.covered, fresh_quarantine)
 
         meta = self._commit_metadata(result, raw)
+        commit_s = 0.0
         try:
             if bad.height:
                 txns = {r.app_id: _max(r.end, fresh_quarantine.get(r.app_id)) for r in raw.covered if r.count}
                 committed = self.quarantine.append(bad, txns, meta)
                 result.quarantine_version, result.rows_quarantined = committed.version, committed.rows
+                result.commit_retries += committed.retries
+                commit_s += committed.seconds
             fault_point("after_quarantine_commit")
             txns = {r.app_id: _max(r.end, fresh_target.get(r.app_id)) for r in raw.covered if r.count}
             if result.quarantine_version is not None:
                 meta["ingest.quarantine_version"] = str(result.quarantine_version)
             committed = self.target.append(good, txns, meta)
             result.target_version, result.rows_written = committed.version, committed.rows
+            result.commit_retries += committed.retries
+            result.stage_s["commit"] = commit_s + committed.seconds
         except ConcurrentBatchError:
             result.skipped = "another writer committed the same ranges first; re-planning"
             result.safe_to_ack = False  # our commit did not land: the broker must keep these messages
@@ -319,7 +330,7 @@ class BatchRunner:
             covered=raw.covered, stats=result.stats, rows_written=result.rows_written,
             rows_quarantined=result.rows_quarantined, target_version=result.target_version,
             quarantine_version=result.quarantine_version, ingested_at=result.ingested_at),
-            target_version=result.target_version)
+            covered={r.app_id: r.end for r in raw.covered if r.count > 0})
 
     def _rows(self, raw: RawBatch, result: BatchResult,
               ingested_at: datetime | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -394,6 +405,7 @@ class BatchRunner:
             "ingest.ranges": json.dumps([r.as_dict() for r in raw.covered]),
             "ingest.partition_key": result.partition_key,
             "ingest.ingested_at": result.ingested_at.isoformat() if result.ingested_at else None,
+            "ingest.shard": self.ctx.shard,
         }
 
 

@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from ingest_defs.config import PipelineSpec, expand_env
 from ingest_defs.security import kafka_secrets, kafka_security, redact
+from ingest_defs.shards import Shard
 from ingest_defs.sources.base import (
     Gap,
     PartitionRange,
@@ -38,10 +39,12 @@ _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/p
 class KafkaSource:
     kind = "kafka"
 
-    def __init__(self, spec: PipelineSpec, client_config: dict[str, Any]):
+    def __init__(self, spec: PipelineSpec, client_config: dict[str, Any], shard: Shard | None = None):
         kafka = spec.source.kafka
         assert kafka is not None
         self.spec = spec
+        # A shard plans, reads and acknowledges only its partitions (p % N == i); None: all of them.
+        self.shard = shard
         self.topic = kafka.topic
         self.group_id = kafka.group_id or f"ingest-{spec.name}"
         passthrough = {k: expand_env(spec.name, f"source.kafka.config.{k}", v) for k, v in kafka.config.items()}
@@ -139,6 +142,11 @@ class KafkaSource:
         return redact(text, self.secrets)
 
     def _partition_ids(self) -> list[int]:
+        """The topic's partitions this source owns: all of them, or its shard's (new ones included)."""
+        partitions = self._all_partition_ids()
+        return partitions if self.shard is None else self.shard.partitions(partitions)
+
+    def _all_partition_ids(self) -> list[int]:
         self._check_connection()
         metadata = self._consumer_for().list_topics(self.topic, timeout=15)
         topic = metadata.topics.get(self.topic)
@@ -342,7 +350,8 @@ class KafkaSource:
         self._check_connection()
         admin = AdminClient(self._admin_config())
         partitions = self.spec.source.kafka.partitions
-        futures = admin.create_topics([NewTopic(self.topic, num_partitions=partitions, replication_factor=1)])
+        # replication_factor -1: the broker's default.replication.factor (1 on the local stack, 3 on the cluster)
+        futures = admin.create_topics([NewTopic(self.topic, num_partitions=partitions, replication_factor=-1)])
         try:
             futures[self.topic].result(timeout=30)
         except KafkaException as exc:

@@ -200,6 +200,7 @@ class Broker:
     extra_ports: dict[int, str] = field(default_factory=dict)  # port -> description
     root: Path = field(default_factory=stack_dir)
     after_ready: Callable[[], None] | None = None  # idempotent setup once it answers (secure Kafka: users, ACLs)
+    before_start: Callable[[Broker, list[str]], None] | None = None  # e.g. a cluster node's storage format
 
     @property
     def dir(self) -> Path:
@@ -223,14 +224,18 @@ class Broker:
 
     @property
     def config(self) -> Path:
-        return self.dir / {"kafka": "server.properties"}.get(self.name, f"{self.name}.conf")
+        return self.dir / ("server.properties" if self.binary == "java" else f"{self.name}.conf")
 
     @property
     def ports(self) -> dict[int, str]:
         return {self.endpoint.port: f"{self.label} port", **self.extra_ports}
 
 
-def _brokers(secure: bool = False) -> list[Broker]:
+def _brokers(secure: bool = False, cluster: bool = False) -> list[Broker]:
+    if cluster:
+        from ingest_defs.stack import cluster as kafka_cluster  # the 3-node Kafka cluster (`up --cluster`)
+
+        return kafka_cluster.brokers()
     if secure:
         return _secure_brokers()
     kafka, nats_ep, mqtt = kafka_endpoint(), nats_endpoint(), mqtt_endpoint()
@@ -390,11 +395,11 @@ def _kafka_config(b: Broker) -> list[str]:
     return _kafka_argv(b)
 
 
-def _kafka_argv(b: Broker) -> list[str]:
+def _kafka_argv(b: Broker, heap: str = "768m") -> list[str]:
     return [
         _java(),
-        "-Xmx768m",
-        "-Xms256m",
+        f"-Xmx{heap}",
+        "-Xms128m" if heap != "768m" else "-Xms256m",
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
         # Kafka logs its own shutdown; log4j2 must not stop logging before that.
@@ -800,7 +805,9 @@ def _start(b: Broker) -> int:
     b.dir.mkdir(parents=True, exist_ok=True)
     _rotate(b.logfile)
     argv = b.write_config(b)
-    if b.name == "kafka":
+    if b.before_start is not None:
+        b.before_start(b, argv)
+    elif b.name == "kafka":
         _kafka_format(b, argv)
     _log_banner(b, f"starting {shlex.join(argv)}")
     with open(b.logfile, "a") as log:
@@ -993,18 +1000,23 @@ def _check_answers(
         return {name: f.result() for name, f in futures.items()}
 
 
-def up(secure: bool = False) -> int:
-    """Start (or reuse) Kafka, NATS JetStream and Mosquitto; wait until each answers.
+def up(secure: bool = False, cluster: bool = False) -> int:
+    """Start (or reuse) Kafka, NATS JetStream and Mosquitto (or, with `cluster`, the three Kafka nodes of the
+    cluster); wait until each answers.
 
-    Returns a process exit code (0 = all three answer).
+    Returns a process exit code (0 = all answer).
     """
     try:
-        brokers = _brokers(secure)
+        brokers = _brokers(secure, cluster)
         if external():
             return _up_external(brokers)
         if secure:
             _prepare_secure()
         rc = _up_native(brokers)
+        if rc == 0 and cluster:
+            from ingest_defs.stack import cluster as kafka_cluster
+
+            _say(f"ingest stack: cluster up; clients: KAFKA_BOOTSTRAP_SERVERS={kafka_cluster.bootstrap()}")
         if rc == 0 and secure:
             _say(f"ingest stack: secure stack up; for its addresses, CA, client certificates and passwords: "
                  f"`. {_secure_layout().env_file}` (see the README's security section)")
@@ -1072,7 +1084,7 @@ def _up_native(brokers: list[Broker]) -> int:
         failures: dict[str, str] = {}
         if to_start:
             ensure_system_packages()
-            if any(b.name == "kafka" for b in to_start):
+            if any(b.binary == "java" for b in to_start):
                 ensure_kafka_jars()
             # Quick ones first; Kafka's one-time storage format runs while they boot.
             for b in sorted(to_start, key=lambda x: x.name == "kafka"):
@@ -1124,6 +1136,8 @@ def down(secure: bool | None = None) -> int:
         brokers = [] if secure else _brokers()
         if secure is not False and _secure_layout().root.exists():
             brokers += _brokers(secure=True)
+        if not secure and (stack_dir() / "cluster").exists():
+            brokers += _brokers(cluster=True)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
@@ -1177,10 +1191,10 @@ def down(secure: bool | None = None) -> int:
     return rc
 
 
-def status(secure: bool = False) -> int:
+def status(secure: bool = False, cluster: bool = False) -> int:
     """Print address, pid (if ours) and health of each broker; non-zero if any is not answering."""
     try:
-        brokers = _brokers(secure)
+        brokers = _brokers(secure, cluster)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
