@@ -103,6 +103,7 @@ class BatchRunner:
         self.ctx = ctx or BatchContext()
         self.ledger = ledger
         self._identity: dict[str, str] | None = None
+        self.versions_seen: dict[str, int | None] = {}  # every partition's Delta version at the last plan
 
     def identity(self) -> dict[str, str]:
         if self._identity is None:
@@ -115,7 +116,14 @@ class BatchRunner:
     def plan(self, requested: list[PartitionRange] | None = None) -> Plan:
         """Plan from the target table's versions; a requested plan (from a sensor) is clamped to them."""
         self.target.table(refresh=True)
-        plan = self.source.plan(self.target.version_of, self.spec.batch.max_messages)
+        seen: dict[str, int | None] = {}
+
+        def stored(app_id: str) -> int | None:
+            seen[app_id] = self.target.version_of(app_id)
+            return seen[app_id]
+
+        plan = self.source.plan(stored, self.spec.batch.max_messages)
+        self.versions_seen = seen
         if requested is None:
             return plan
         fresh = {r.app_id: r for r in plan.ranges}
@@ -169,6 +177,9 @@ class BatchRunner:
                         if plan.empty and requested is not None and not results:
                             requested = None  # done elsewhere meanwhile: catch up from where Delta stands
                             plan = self.plan()
+                        # Every partition's position, not only those in this plan: a partition without lag
+                        # now may get messages before the read-ahead plans it (it must not start from 0).
+                        known = dict(self.versions_seen)
                     else:  # read ahead without touching Delta (the writer thread owns the tables now)
                         plan = self.source.plan(known.get, self.spec.batch.max_messages)
                     self.handle_gaps(plan)
