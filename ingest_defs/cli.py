@@ -40,7 +40,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     if args.action == "up":
         return manager.up(secure=args.secure, cluster=args.cluster)
     if args.action == "down":
-        return manager.down()
+        return manager.down(cluster=True) if args.cluster else manager.down()
     return manager.status(secure=args.secure, cluster=args.cluster)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 POINTS = ("after_plan", "after_read", "after_quarantine_commit", "during_target_commit", "after_target_commit",
           "before_ledger", "after_ack")
-STALL_SECONDS = 120.0
+STALL_SECONDS = 300.0
 
 
 _shard: int | None = None  # the shard the current run serves (None: unsharded)

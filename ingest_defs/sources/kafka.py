@@ -34,6 +34,29 @@ CONNECT_SECONDS = 15.0  # how long the first metadata request may take before th
 # librdkafka error codes that mean "this broker will not take us as configured": fail at once, say why.
 _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/password and sasl_mechanism)",
             KafkaError._SSL: "TLS failed (check ca_file: the CA that signed the broker's certificate)"}
+# While a cluster fails over (a broker died, a leader or the group coordinator moved), requests fail with
+# these until librdkafka's metadata catches up: asked again for up to FAILOVER_SECONDS, not failed at once.
+FAILOVER_SECONDS = 45.0
+_FAILOVER = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+             KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+             KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+             KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def _during_failover(call: Any) -> Any:
+    """`call()`, asked again while the error says the cluster is failing over (see _FAILOVER)."""
+    deadline = time.monotonic() + FAILOVER_SECONDS
+    wait = 0.2
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not isinstance(err, KafkaError) or not (err.retriable() or err.code() in _FAILOVER) \
+                    or time.monotonic() + wait > deadline:
+                raise
+        time.sleep(wait)
+        wait = min(2.0, wait * 2)
 
 
 class KafkaSource:
@@ -159,8 +182,8 @@ class KafkaSource:
 
     def _watermarks(self, partition: int) -> tuple[int, int]:
         # Under read_committed the high watermark is the last stable offset (librdkafka#3428).
-        return self._consumer_for().get_watermark_offsets(
-            TopicPartition(self.topic, partition), timeout=15, cached=False)
+        return _during_failover(lambda: self._consumer_for().get_watermark_offsets(
+            TopicPartition(self.topic, partition), timeout=15, cached=False))
 
     # ------------------------------------------------------------ protocol
     def plan(self, stored: StoredVersion, max_messages: int) -> Plan:
@@ -289,7 +312,7 @@ class KafkaSource:
         offsets = [TopicPartition(self.topic, r.partition, r.end + 1) for r in batch.covered if r.count > 0]
         if offsets:
             try:
-                self._consumer_for().commit(offsets=offsets, asynchronous=False)
+                _during_failover(lambda: self._consumer_for().commit(offsets=offsets, asynchronous=False))
             except KafkaException as exc:
                 raise self._denied(f"committing offsets of group '{self.group_id}'", exc) from None
 
@@ -304,7 +327,7 @@ class KafkaSource:
     def committed(self) -> dict[int, int | None]:
         """The group's committed next offsets per partition (None: nothing committed)."""
         tps = [TopicPartition(self.topic, p) for p in self._partition_ids()]
-        result = self._consumer_for().committed(tps, timeout=15)
+        result = _during_failover(lambda: self._consumer_for().committed(tps, timeout=15))
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in result}
 
     def identity(self) -> dict[str, str]:

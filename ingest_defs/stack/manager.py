@@ -1128,16 +1128,20 @@ def _read_run(b: Broker) -> dict:
         return {}
 
 
-def down(secure: bool | None = None) -> int:
+def down(secure: bool | None = None, cluster: bool = False) -> int:
     """Stop the brokers this stack started (pidfiles), SIGTERM then SIGKILL after 20 s.
 
-    `secure`: None stops the plain and the secure stack, True only the secure one, False only the plain one."""
+    `secure`: None stops the plain and the secure stack (and the Kafka cluster), True only the secure one,
+    False only the plain one. `cluster`: only the Kafka cluster."""
     try:
-        brokers = [] if secure else _brokers()
-        if secure is not False and _secure_layout().root.exists():
-            brokers += _brokers(secure=True)
-        if not secure and (stack_dir() / "cluster").exists():
-            brokers += _brokers(cluster=True)
+        if cluster:
+            brokers = _brokers(cluster=True)
+        else:
+            brokers = [] if secure else _brokers()
+            if secure is not False and _secure_layout().root.exists():
+                brokers += _brokers(secure=True)
+            if secure is None and (stack_dir() / "cluster").exists():
+                brokers += _brokers(cluster=True)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
