@@ -1,8 +1,8 @@
 """A sharded pipeline on the 3-node Kafka cluster under the Dagster daemon: its sensor launches one run per
 shard, concurrently, while messages keep arriving; the leader of a shard's partition is killed (-9) while
 that shard's run is mid-batch; another shard's run is killed (-9) between its Delta commit and its offset
-commit and resumed by the next sensor request; partitions are added to the topic; the killed broker is
-restarted and rejoins. Then target ∪ quarantine equals what was produced, nothing doubled, the group's
+commit and resumed by the next sensor request; the killed broker is restarted and rejoins; partitions are
+added to the topic. Then target ∪ quarantine equals what was produced, nothing doubled, the group's
 committed offsets survived, and every shard's lag is 0.
 
 The cluster (`ingest stack up --cluster`) is started once per session by the `kafka_cluster` fixture
@@ -182,12 +182,13 @@ def test_sharded_pipeline_on_the_cluster_survives_a_leader_kill_a_killed_run_and
         os.kill(int(committed.read_text()), signal.SIGKILL)  # shard 1's run dies between its two commits
         committed.with_suffix(".done").write_text("")  # later runs of shard 1 go through
         committed.unlink()
-        admin.create_partitions([NewPartitions(topic, 15)])[topic].result(30)  # one more partition per shard
-        producer.partitions = 15
         assert manager.up(cluster=True) == 0  # the killed node restarts and rejoins
         wait_until(lambda: all(len(p.isr) == 3 for p in describe(admin, topic).partitions), 120,
                    "every partition back to 3 in-sync replicas")
-        time.sleep(3)  # a little more traffic on the whole cluster, the new partitions included
+        # one more partition per shard (with RF 3 that needs all three nodes), and traffic on them too
+        admin.create_partitions([NewPartitions(topic, 15)])[topic].result(60)
+        producer.partitions = 15
+        time.sleep(3)
         producer.stop.set()
         producer.join(150)
         assert not producer.errors, producer.errors[:3]
