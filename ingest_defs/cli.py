@@ -91,7 +91,7 @@ def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | 
     loggers = {"console": {"config": {"log_level": "ERROR" if quiet else "WARNING"}}}
     tags = {"ingest/pipeline": spec.name, "ingest/trigger": trigger}
     with DagsterInstance.get() as instance:
-        if shard is not None:  # a shard's own job (its own pool): not partitioned
+        if shard is not None and spec.shards > 1:  # a shard's own job (its own pool): not partitioned
             job = defs.resolve_job_def(shard_job_name(spec, shard))
             return job.execute_in_process(run_config={"ops": {shard_op_name(spec, shard): {"config": config}},
                                                       "loggers": loggers}, instance=instance, raise_on_error=False,
