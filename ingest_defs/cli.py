@@ -47,10 +47,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
     services = {"with_s3": True if args.s3 else None, "with_postgres": args.postgres}
     if args.action == "up":
-        return manager.up(secure=args.secure, prometheus=args.prometheus, **services)
+        return manager.up(secure=args.secure, prometheus=args.prometheus, cluster=args.cluster, **services)
     if args.action == "down":
-        return manager.down()
-    return manager.status(secure=args.secure, prometheus=args.prometheus, **services)
+        return manager.down(cluster=True) if args.cluster else manager.down()
+    return manager.status(secure=args.secure, prometheus=args.prometheus, cluster=args.cluster, **services)
 
 
 def cmd_validate(_args: argparse.Namespace) -> int:
@@ -83,29 +83,65 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(spec: PipelineSpec, max_batches: int = 0, max_seconds: float | None = None,
-                 trigger: str = "cli", quiet: bool = False, verbose: bool = False):
-    """Run batches of one pipeline through its Dagster job, in this process, on the persistent instance."""
+                 trigger: str = "cli", quiet: bool = False, verbose: bool = False, shard: int | None = None):
+    """Run batches of one pipeline (or of one shard of it) through its Dagster job, in this process, on the
+    persistent instance."""
     _ensure_dagster_home()
     from dagster import DagsterInstance
 
     from ingest_defs.assets.ingestion import job_name, op_name
     from ingest_defs.factory import build_definitions
     from ingest_defs.partitions import partition_key_at
+    from ingest_defs.shards import Shard, shard_job_name, shard_op_name
 
     defs = build_definitions({spec.name: spec})
-    job = defs.resolve_job_def(job_name(spec))
     config = {"trigger": trigger, "max_batches": max_batches, "mode": "live"}
     if max_seconds is not None:
         config["max_seconds"] = max_seconds
     # Dagster's console logger prints a failure's framework trace (twice): it stays in the run's event log
     # and shows here only with -v; the command prints the failure's one line itself.
-    level = "INFO" if verbose else "CRITICAL"
-    run_config = {"ops": {op_name(spec): {"config": config}},
-                  "loggers": {"console": {"config": {"log_level": level}}}}
+    loggers = {"console": {"config": {"log_level": "INFO" if verbose else "CRITICAL"}}}
+    tags = {"ingest/pipeline": spec.name, "ingest/trigger": trigger}
     with DagsterInstance.get() as instance:
+        if shard is not None and spec.shards > 1:  # a shard's own job (its own pool): not partitioned
+            job = defs.resolve_job_def(shard_job_name(spec, shard))
+            return job.execute_in_process(run_config={"ops": {shard_op_name(spec, shard): {"config": config}},
+                                                      "loggers": loggers}, instance=instance, raise_on_error=False,
+                                          tags={**tags, "ingest/shard": Shard(shard, spec.shards).label})
+        job = defs.resolve_job_def(job_name(spec))
+        run_config = {"ops": {op_name(spec): {"config": config}}, "loggers": loggers}
         return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
-                                      partition_key=partition_key_at(spec),
-                                      tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger})
+                                      partition_key=partition_key_at(spec), tags=tags)
+
+
+def run_shards(spec: PipelineSpec, args: argparse.Namespace) -> int:
+    """All shards of a pipeline at once: one `ingest run <pipeline> --shard i` child process each (separate
+    runs and pools, as the daemon would launch them), their lines prefixed with the shard."""
+    import subprocess
+    import threading
+
+    extra = ["--max-batches", str(args.max_batches)]
+    if args.max_seconds is not None:
+        extra += ["--max-seconds", str(args.max_seconds)]
+    children = [(i, subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name, "--shard", str(i),
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                for i in range(spec.shards)]
+
+    def relay(i: int, child: subprocess.Popen) -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            console.print(f"[shard {i}] {line.rstrip()}", markup=False, soft_wrap=True, highlight=False)
+
+    relays = [threading.Thread(target=relay, args=c) for c in children]
+    for t in relays:
+        t.start()
+    codes = [child.wait() for _, child in children]
+    for t in relays:
+        t.join()
+    failed = [i for (i, _), code in zip(children, codes, strict=True) if code != 0]
+    if failed:
+        console.print(f"[red]{spec.name}: shard(s) {', '.join(map(str, failed))} failed[/]")
+    return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -113,6 +149,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     specs = _load(None if args.pipeline == "all" else args.pipeline)
     names = [args.pipeline] if args.pipeline != "all" else list(specs)
+    if args.shard is not None:
+        spec = specs[names[0]]
+        if args.pipeline == "all" or not 0 <= args.shard < spec.shards:
+            raise ConfigError(spec.name if args.pipeline != "all" else None, "--shard",
+                              f"shard {args.shard} does not exist ({args.pipeline} has {spec.shards} shard(s))"
+                              if args.pipeline != "all" else "--shard needs one pipeline, not 'all'",
+                              f"give 0 ≤ --shard < {spec.shards}, or leave --shard out to run every shard")
     progress = BatchProgress(console)
     batch_log = logging.getLogger("ingest.batch")
     batch_log.addHandler(progress)
@@ -120,18 +163,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     status = 0
     try:
         for name in names:
-            progress.start(name)
+            if specs[name].shards > 1 and args.shard is None:
+                status = max(status, run_shards(specs[name], args))
+                continue
+            who = name if args.shard is None else f"{name} shard {args.shard}"
+            progress.start(who)
             try:
-                result = run_pipeline(specs[name], args.max_batches, args.max_seconds, verbose=args.verbose)
+                result = run_pipeline(specs[name], args.max_batches, args.max_seconds, verbose=args.verbose,
+                                      shard=args.shard)
             finally:
                 progress.stop()
             if not result.success:
                 status = 1
                 err_console.print(f"[red]error:[/] {escape(run_failure(result))}", soft_wrap=True)
-                err_console.print(f"[dim]{name}: run {result.run_id} failed; its logs keep the full trace "
+                err_console.print(f"[dim]{who}: run {result.run_id} failed; its logs keep the full trace "
                                   f"(the Dagster UI, or `ingest -v run {name}`)[/]", soft_wrap=True)
             else:
-                console.print(f"{name}: run {result.run_id} done ({progress.count} batches, "
+                console.print(f"{who}: run {result.run_id} done ({progress.count} batches, "
                               f"{progress.messages:,} messages)", soft_wrap=True)
     finally:
         batch_log.removeHandler(progress)
@@ -415,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "LAKE_ROOT is s3:// on its endpoint")
     stack.add_argument("--postgres", action="store_true",
                        help="also PostgreSQL for Dagster's storage (INGEST_POSTGRES_PORT, default 5432)")
+    stack.add_argument("--cluster", action="store_true",
+                       help="a 3-node Kafka cluster (KRaft, RF 3, min.insync.replicas 2) on its own ports (see README)")
     stack.set_defaults(func=cmd_stack)
 
     run = sub.add_parser("run", help="run batches of a pipeline through Dagster until caught up")
@@ -422,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: until caught up)")
     run.add_argument("--max-seconds", type=float, default=None, help="time budget for the run")
     run.add_argument("-v", "--verbose", action="store_true", dest="run_verbose", help="as `ingest -v run`")
+    run.add_argument("--shard", type=int, default=None,
+                     help="only this shard of a sharded pipeline (default: every shard, as concurrent runs)")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="broker end, Delta position, lag, last batch, quarantined rows")

@@ -63,8 +63,7 @@ def status_table(statuses: list[PipelineStatus]) -> Table:
         ends = " ".join(f"{p.partition}:{_dash(p.broker_end)}" for p in f.partitions) or "-"
         positions = " ".join(f"{p.partition}:{_dash(p.position)}" for p in f.partitions) or "-"
         when = f.last_batch_at.strftime("%Y-%m-%d %H:%M:%S") if f.last_batch_at else "-"
-        table.add_row(s.pipeline, s.source, _lag(f.lag, f.partitions), when, f"{f.quarantined_rows:,}", ends,
-                      positions)
+        table.add_row(s.pipeline, s.source, _shard_lag(s), when, f"{f.quarantined_rows:,}", ends, positions)
     return table
 
 
@@ -77,7 +76,7 @@ def status_records(statuses: list[PipelineStatus]) -> list[str]:
             lines.append(f"[bold]{escape(s.pipeline)}[/] ({s.source}): [red]unavailable[/] (see below)")
             continue
         when = f.last_batch_at.strftime("%Y-%m-%d %H:%M:%S UTC") if f.last_batch_at else "-"
-        lines.append(f"[bold]{escape(s.pipeline)}[/] ({s.source}): lag {_lag(f.lag, f.partitions)} · "
+        lines.append(f"[bold]{escape(s.pipeline)}[/] ({s.source}): lag {_shard_lag(s)} · "
                      f"{f.quarantined_rows:,} quarantined · last batch {when}")
         for p in f.partitions:
             lines.append(f"  partition {p.partition}: broker end {_dash(p.broker_end)}, delta position "
@@ -91,6 +90,14 @@ def print_errors(console: Console, statuses: list[PipelineStatus]) -> None:
             named = f"'{s.pipeline}'" in s.error  # the error already names the pipeline
             console.print(f"[red]error:[/] {'' if named else escape(s.pipeline) + ': '}{escape(s.error)}",
                           soft_wrap=True)
+
+
+def _shard_lag(s: PipelineStatus) -> str:
+    """The pipeline's lag, with each shard's after it when it is sharded: `120 (s0 40, s1 80, s2 0)`."""
+    assert s.figures is not None
+    total = _lag(s.figures.lag, s.figures.partitions)
+    by_shard = s.lag_by_shard
+    return total if by_shard is None else f"{total} ({', '.join(f's{i} {n:,}' for i, n in by_shard.items())})"
 
 
 def _lag(lag: int | None, partitions: list) -> str:

@@ -437,6 +437,8 @@ class PipelineSpec(_Strict):
     ledger_table: str | None = None
     # Object-store options for this pipeline's tables, over the environment's (see storage.py).
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    # Kafka only: N concurrent runs, shard i owning the partitions p with p % N == i (see ingest_defs/shards.py).
+    shards: int = Field(default=1, ge=1, le=1024)
     # Keep the payload bytes in the target's `_raw` column. Default: on where the broker cannot replay
     # (MQTT, NATS work-queue/interest streams), so backfills re-read the lake instead.
     keep_raw: bool | None = None
@@ -789,6 +791,8 @@ def _check_semantics(spec: PipelineSpec, file: Path | None) -> list[ConfigError]
             _reject_overlapping_filters(spec, file)
         except ConfigError as exc:
             errors.append(exc)
+    if spec.shards > 1 and not spec.source.kafka:
+        errors.append(_refuse_shards(spec, file))
     return errors
 
 
@@ -804,6 +808,17 @@ def _check_json_schema_block(spec: PipelineSpec, file: Path | None) -> None:
     if spec.schema_registry is not None:
         raise ConfigError(spec.name, "schema_registry", "only used by `format: avro | protobuf | json_schema`",
                           "remove the block, or set the pipeline's format", file)
+
+
+def _refuse_shards(spec: PipelineSpec, file: Path | None) -> ConfigError:
+    # Shards own disjoint partitions; a NATS stream or an MQTT session is one ordered sequence with one
+    # offset (one transaction id), so two runs could only split it by racing on that one position.
+    why = {"nats": "a JetStream stream is one ordered sequence with one position (one transaction id)",
+           "mqtt": "an MQTT session is one ordered delivery with one position (one transaction id), "
+                   "and the broker allows one connection per client id"}[spec.source.kind]
+    return ConfigError(spec.name, "shards", f"shards > 1 needs Kafka partitions: {why}, so it cannot be split "
+                       "into disjoint shards", "remove `shards:` (or set it to 1); split the data over several "
+                       "pipelines (subjects/topic filters) with their own tables instead", file)
 
 
 def _reject_overlapping_filters(spec: PipelineSpec, file: Path | None) -> None:

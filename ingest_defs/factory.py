@@ -17,8 +17,10 @@ from ingest_defs.assets.ingestion import (
 )
 from ingest_defs.config import PipelineSpec
 from ingest_defs.jobs.maintenance import build_maintenance_job, build_maintenance_schedule
+from ingest_defs.jobs.shards import build_shard_jobs
 from ingest_defs.resources.brokers import resources_from_env
 from ingest_defs.sensors.ingestion import build_ingestion_schedule, build_ingestion_sensor
+from ingest_defs.sensors.shards import build_shard_schedule, build_shard_sensor
 
 
 def build_definitions(specs: dict[str, PipelineSpec]) -> dg.Definitions:
@@ -39,10 +41,18 @@ def build_definitions(specs: dict[str, PipelineSpec]) -> dg.Definitions:
             description=f"Bounded micro-batches of pipeline {spec.name}",
         )
         jobs.append(job)
-        if spec.trigger.sensor is not None:
-            sensors.append(build_ingestion_sensor(spec, job))
-        if spec.trigger.schedule:
-            schedules.append(build_ingestion_schedule(spec, job))
+        if spec.shards > 1:  # the live path runs per shard: one job (and pool) each; the asset job stays for backfills
+            shard_jobs = build_shard_jobs(spec)
+            jobs.extend(shard_jobs)
+            if spec.trigger.sensor is not None:
+                sensors.append(build_shard_sensor(spec, shard_jobs))
+            if spec.trigger.schedule:
+                schedules.append(build_shard_schedule(spec, shard_jobs))
+        else:
+            if spec.trigger.sensor is not None:
+                sensors.append(build_ingestion_sensor(spec, job))
+            if spec.trigger.schedule:
+                schedules.append(build_ingestion_schedule(spec, job))
         if spec.maintenance.enabled:
             maintenance = build_maintenance_job(spec)
             jobs.append(maintenance)

@@ -6,12 +6,17 @@ Backfills find a partition's batches here (commit metadata is not in checkpoints
 it, so it cannot be the record). Replays add rows with `mode = replay` and the same batch id.
 
 When it is written: after the target commit, before the broker acknowledgement, in a commit of its own
-carrying `Transaction("{pipeline}/ledger", target version)`. A crash between the target commit and the
-ledger commit leaves a batch without its row; `repair()` (run at the start of every live run and every
-replay) finds target commits newer than the ledger's recorded version that carry a live `ingest.batch_id`
-and no ledger row, and rebuilds the row from the commit's metadata (ranges, trigger, run id) and the rows
-holding that `_batch_id` in target and quarantine (count, first/last offset and timestamp). The next plan
-runs right after, so the commit metadata it needs is always still in the log.
+carrying the batch's own transaction ids — the target's per-partition app ids, each at the last offset the
+batch covered — so the ledger is fenced exactly like the target: a batch's rows are recorded once, however
+many writers try (shards of one pipeline write disjoint ids; a repair racing a live batch on the same ids
+loses with delta-rs's "Concurrent transaction" and finds the rows there). A crash between the target
+commit and the ledger commit leaves a batch without its rows; `repair()` (run at the start of every live
+run, for the run's own partitions, and of every replay) compares each partition's target version with the
+ledger's, and only where the target is ahead scans the target's recent commits for live batches without a
+ledger row, rebuilding them from the commit's metadata (ranges, trigger, run id) and the rows holding that
+`_batch_id` in target and quarantine (count, first/last offset and timestamp). The next plan runs right
+after, so the commit metadata it needs is always still in the log. Ledgers written before this kept one
+`{pipeline}/ledger` id (the target version recorded): it still bounds the scan of such a table.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from typing import Any
 
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError
 
+from ingest_defs.sink import ConcurrentBatchError, commit_with_retries
 from ingest_defs.sources.base import PartitionRange
 from ingest_defs.storage import Location, location, table_location
 
@@ -111,7 +116,7 @@ class Ledger:
         self.uri, self.pipeline, self.storage_options = self.location.uri, pipeline, self.location.options
         # the partition of a commit time, for commits made before the ledger existed (no partition in metadata)
         self.partition_of = partition_of
-        self.app_id = f"{pipeline}/ledger"
+        self.legacy_app_id = f"{pipeline}/ledger"  # before per-partition ids: the target version recorded
         self._table: DeltaTable | None = None
 
     @classmethod
@@ -128,35 +133,53 @@ class Ledger:
                 self._table.update_incremental()
         return self._table
 
-    def recorded_target_version(self) -> int | None:
+    def recorded(self, app_ids: Iterable[str]) -> dict[str, int | None]:
+        """Per source app id, the last offset whose batch the ledger records (None: none yet)."""
         table = self.table()
-        return None if table is None else table.transaction_version(self.app_id)
+        return {a: None if table is None else table.transaction_version(a) for a in app_ids}
 
     # ------------------------------------------------------------ writing
-    def append(self, rows: list[dict[str, Any]], target_version: int | None = None) -> None:
-        """One commit; a live batch's commit also records the target version it covers (for repair)."""
+    def append(self, rows: list[dict[str, Any]], covered: dict[str, int] | None = None) -> bool:
+        """One commit. A live batch's rows pass `covered` (app id → last offset covered): the commit carries
+        those transactions and is skipped if the ledger already records them (a repair got there first).
+        Returns whether rows were written."""
         if not rows:
-            return
+            return False
         frame = pl.DataFrame(rows, schema=LEDGER_SCHEMA)
-        txns = []
-        if target_version is not None:
-            stored = self.recorded_target_version()
-            txns.append(Transaction(self.app_id, target_version if stored is None else max(stored, target_version)))
-        props = CommitProperties(app_transactions=txns or None, custom_metadata={"ingest.pipeline": self.pipeline})
-        for attempt in range(5):  # a concurrent replay's ledger append may win the race; appends never conflict on data
-            try:
-                table = self.table()
-                # merge: a ledger made before a column was added gains it (older rows read as null)
-                if table is None:
-                    self.location.write(frame.to_arrow(), mode="append", commit_properties=props, schema_mode="merge")
-                else:
-                    with self.location.failures("committing to the ledger table"):
-                        write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge",
-                                        commit_properties=props)
-                return
-            except CommitFailedError:
-                if attempt == 4:
-                    raise
+        covered = covered or {}
+        state: dict[str, Any] = {}
+
+        def prepare() -> None:
+            state["table"] = table = self.table()
+            stored = {a: None if table is None else table.transaction_version(a) for a in covered}
+            if covered and all(v is not None and v >= covered[a] for a, v in stored.items()):
+                raise ConcurrentBatchError("already recorded")
+            # transaction_version is not monotonic: never write a lower version than the ledger holds
+            txns = [Transaction(a, end if stored[a] is None else max(end, stored[a])) for a, end in covered.items()]
+            state["props"] = CommitProperties(app_transactions=txns or None,
+                                              custom_metadata={"ingest.pipeline": self.pipeline})
+
+        def attempt() -> None:
+            table = state["table"]
+            # merge: a ledger made before a column was added gains it (older rows read as null)
+            if table is None:
+                self.location.write(frame.to_arrow(), mode="append", commit_properties=state["props"],
+                                    schema_mode="merge")
+            else:
+                with self.location.failures("committing to the ledger table"):
+                    write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge",
+                                    commit_properties=state["props"])
+
+        try:
+            prepare()
+            commit_with_retries(attempt, prepare, f"pipeline '{self.pipeline}': recording batches in the ledger {self.uri}")
+        except ConcurrentBatchError:
+            # Another writer (a repair, or a second run of these partitions) recorded these offsets first.
+            now = self.recorded(covered)
+            if covered and all(v is not None and v >= covered[a] for a, v in now.items()):
+                return False
+            raise
+        return True
 
     # ------------------------------------------------------------ reading
     def frame(self, filters: pl.Expr | None = None) -> pl.DataFrame:
@@ -174,18 +197,29 @@ class Ledger:
         return batches_from_rows(self.frame(expr if filters is None else expr & filters))
 
     # ------------------------------------------------------------ repair
-    def repair(self, target: DeltaTable | None, quarantine: str | Location, max_commits: int = 1000,
-               target_location: Location | None = None) -> list[str]:
-        """Record live batches the target committed but the ledger missed (a crash between the two commits)."""
+    def repair(self, target: DeltaTable | None, quarantine: str | Location, app_ids: Iterable[str],
+               max_commits: int = 1000, target_location: Location | None = None) -> list[str]:
+        """Record live batches on `app_ids` the target committed but the ledger missed (a crash between the
+        two commits). A live run passes its own partitions' ids, so it never touches another shard's batch
+        in flight; a replay passes all of them, and the ledger's fence settles a race with a live batch."""
         if target is None:
             return []
-        recorded = self.recorded_target_version()
+        app_ids = list(app_ids)
+        recorded = self.recorded(app_ids)
+        behind = {a: recorded[a] for a in app_ids
+                  if (v := target.transaction_version(a)) is not None and (recorded[a] is None or v > recorded[a])}
+        if not behind:
+            return []
+        legacy = self.table()
+        low = -1
+        if legacy is not None and (old := legacy.transaction_version(self.legacy_app_id)) is not None:
+            low = old  # a ledger of the single-writer era records every target commit up to this version
         current = target.version()
-        low = -1 if recorded is None else recorded
         if current <= low:
             return []
         commits = [c for c in target.history(min(current - low, max_commits))
-                   if c.get("version", -1) > low and c.get("ingest.batch_id") and c.get("ingest.mode") == "live"]
+                   if c.get("version", -1) > low and c.get("ingest.batch_id") and c.get("ingest.mode") == "live"
+                   and _covers(c, behind)]
         if not commits:
             return []
         ids = [c["ingest.batch_id"] for c in commits]
@@ -197,9 +231,14 @@ class Ledger:
         target_location = target_location or location(target.table_uri)
         stats = self._stats_of([c["ingest.batch_id"] for c in missing], target, target_location, quarantine)
         rows: list[dict[str, Any]] = []
+        covered: dict[str, int] = {}
         for commit in sorted(missing, key=lambda c: c["version"]):
-            rows.extend(self._rebuild(commit, stats.get(commit["ingest.batch_id"], {})))
-        self.append(rows, target_version=max(c["version"] for c in missing))
+            rebuilt = self._rebuild(commit, stats.get(commit["ingest.batch_id"], {}))
+            rows.extend(rebuilt)
+            for row in rebuilt:
+                covered[row["app_id"]] = max(covered.get(row["app_id"], -1), row["range_end"])
+        if not self.append(rows, covered=covered):
+            return []  # a live batch recorded them meanwhile
         return [c["ingest.batch_id"] for c in missing]
 
     def _stats_of(self, batch_ids: list[str], target: DeltaTable, target_location: Location,
@@ -270,6 +309,16 @@ def batches_from_rows(frame: pl.DataFrame) -> list[LedgerBatch]:
             batch.stats[r.app_id] = PartitionStats(row["count"], row["first_offset"], row["last_offset"],
                                                    row["first_timestamp"], row["last_timestamp"])
     return list(batches.values())
+
+
+def _covers(commit: dict[str, Any], behind: dict[str, int | None]) -> bool:
+    """Whether a target commit covers offsets beyond what the ledger records (`behind`: app id → offset)."""
+    for r in json.loads(commit.get("ingest.ranges", "[]")):
+        if r["app_id"] in behind and r["end"] >= r["start"]:
+            floor = behind[r["app_id"]]
+            if floor is None or r["end"] > floor:
+                return True
+    return False
 
 
 def _parse_ts(text: str | None) -> datetime | None:

@@ -67,16 +67,18 @@ class BatchResult:
     stats: dict[int, PartitionStats] = field(default_factory=dict)  # per source partition, for the ledger
     counters: dict[str, int] = field(default_factory=dict)  # source-specific counts (MQTT: qos0_messages)
     ended_by: str | None = None  # why an open (unbounded) batch ended: max_messages, idle, max_wait, ...
+    commit_retries: int = 0  # commit attempts lost to other writers (other shards, maintenance) and retried
 
     def summary(self, pipeline: str) -> str:
         ranges = ", ".join(f"p{r.partition}:{r.start}..{r.end}" for r in self.covered if r.count) or "-"
         if self.skipped:
             return f"{pipeline} batch {self.batch_id}: skipped ({self.skipped}) ranges {ranges}"
+        retried = f" | {self.commit_retries} commit retries" if self.commit_retries else ""
         rate = self.messages / self.duration_s if self.duration_s else 0.0
         ended = f" | ended by {self.ended_by}" if self.ended_by else ""
         return (f"{pipeline} batch {self.batch_id}: {ranges} | {self.messages} msgs → {self.rows_written} rows, "
                 f"{self.rows_quarantined} quarantined | delta v{self.target_version} | lag {self.lag_after} | "
-                f"{self.duration_s:.2f}s ({rate:,.0f} msg/s){ended}")
+                f"{self.duration_s:.2f}s ({rate:,.0f} msg/s){ended}{retried}")
 
 
 @dataclass
@@ -89,6 +91,7 @@ class BatchContext:
     log: Callable[[str], None] | None = None
     partition_key: str | None = None  # the run's partition (None: the partition of each batch's plan time)
     log_warning: Callable[[str], None] | None = None
+    shard: str | None = None  # `i/N` when the run serves one shard of a sharded pipeline (the source is restricted)
 
     def info(self, message: str, batch: BatchResult | None = None) -> None:
         logger.info(message, extra={"batch": batch} if batch is not None else None)  # the CLI's progress reads it
@@ -111,6 +114,7 @@ class BatchRunner:
         self.ledger = ledger
         self._identity: dict[str, str] | None = None
         self._format: Format | None = None
+        self.versions_seen: dict[str, int | None] = {}  # every partition's Delta version at the last plan
 
     @property
     def format(self) -> Format:
@@ -130,7 +134,14 @@ class BatchRunner:
     def plan(self, requested: list[PartitionRange] | None = None) -> Plan:
         """Plan from the target table's versions; a requested plan (from a sensor) is clamped to them."""
         self.target.table(refresh=True)
-        plan = self.source.plan(self.target.version_of, self.spec.batch.max_messages)
+        seen: dict[str, int | None] = {}
+
+        def stored(app_id: str) -> int | None:
+            seen[app_id] = self.target.version_of(app_id)
+            return seen[app_id]
+
+        plan = self.source.plan(stored, self.spec.batch.max_messages)
+        self.versions_seen = seen
         if requested is None:
             return plan
         fresh = {r.app_id: r for r in plan.ranges}
@@ -184,6 +195,9 @@ class BatchRunner:
                         if plan.empty and requested is not None and not results:
                             requested = None  # done elsewhere meanwhile: catch up from where Delta stands
                             plan = self.plan()
+                        # Every partition's position, not only those in this plan: a partition without lag
+                        # now may get messages before the read-ahead plans it (it must not start from 0).
+                        known = dict(self.versions_seen)
                     else:  # read ahead without touching Delta (the writer thread owns the tables now)
                         plan = self.source.plan(known.get, self.spec.batch.max_messages)
                     self.handle_gaps(plan)
@@ -248,7 +262,9 @@ class BatchRunner:
         """Record batches a crash left without their ledger row (committed to the target, not to the ledger)."""
         if self.ledger is None:
             return
-        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.location,
+        # Only this run's own partitions: another shard's batch may be between its target and ledger commits.
+        app_ids = [p.app_id for p in self.source.state()]
+        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, app_ids,
                                       target_location=self.target.location)
         if repaired:
             self.ctx.info(f"{self.spec.name}: ledger rows rebuilt for batches {', '.join(repaired)}")
@@ -293,6 +309,7 @@ class BatchRunner:
         result = BatchResult(batch_id=str(ULID()), planned=plan.ranges, started_at=time.time(),
                              started_monotonic=time.monotonic(), gaps=plan.gaps,
                              partition_key=self.ctx.partition_key or partition_key_at(self.spec))
+        fault_point("after_plan")
         raw = self.source.read(plan, self.spec.batch.max_bytes)
         result.stage_s["read"] = time.monotonic() - result.started_monotonic
         fault_point("after_read")
@@ -334,17 +351,22 @@ class BatchRunner:
         bad = self._drop_written(bad, raw.covered, fresh_quarantine)
 
         meta = self._commit_metadata(result, raw)
+        commit_s = 0.0
         try:
             if bad.height:
                 txns = {r.app_id: _max(r.end, fresh_quarantine.get(r.app_id)) for r in raw.covered if r.count}
                 committed = self.quarantine.append(bad, txns, meta)
                 result.quarantine_version, result.rows_quarantined = committed.version, committed.rows
+                result.commit_retries += committed.retries
+                commit_s += committed.seconds
             fault_point("after_quarantine_commit")
             txns = {r.app_id: _max(r.end, fresh_target.get(r.app_id)) for r in raw.covered if r.count}
             if result.quarantine_version is not None:
                 meta["ingest.quarantine_version"] = str(result.quarantine_version)
             committed = self.target.append(good, txns, meta)
             result.target_version, result.rows_written = committed.version, committed.rows
+            result.commit_retries += committed.retries
+            result.stage_s["commit"] = commit_s + committed.seconds
         except ConcurrentBatchError:
             result.skipped = "another writer committed the same ranges first; re-planning"
             result.safe_to_ack = False  # our commit did not land: the broker must keep these messages
@@ -366,7 +388,7 @@ class BatchRunner:
             quarantine_version=result.quarantine_version, ingested_at=result.ingested_at,
             started_at=datetime.fromtimestamp(result.started_at, UTC),
             qos0_messages=result.counters.get("qos0_messages")),
-            target_version=result.target_version)
+            covered={r.app_id: r.end for r in raw.covered if r.count > 0})
 
     def _rows(self, raw: RawBatch, result: BatchResult,
               ingested_at: datetime | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -446,6 +468,7 @@ class BatchRunner:
             "ingest.ingested_at": result.ingested_at.isoformat() if result.ingested_at else None,
             "ingest.counters": json.dumps(result.counters) if result.counters else None,
             "ingest.ended_by": result.ended_by,
+            "ingest.shard": self.ctx.shard,
         }
 
 

@@ -92,13 +92,15 @@ class Replayer:
 
     # ------------------------------------------------------------ which batches
     def batches_for_partitions(self, partition_keys: list[str]) -> list[LedgerBatch]:
-        self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, target_location=self.target.location)
+        self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, self._app_ids(),
+                           target_location=self.target.location)
         return self.ledger.live_batches(pl.col("partition_key").is_in(partition_keys))
 
     def batches_for_range(self, low: int | datetime, high: int | datetime,
                           source_partition: int | None = None) -> list[LedgerBatch]:
         """Live batches overlapping an offset range (ints) or a broker-time range (datetimes), inclusive."""
-        self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, target_location=self.target.location)
+        self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, self._app_ids(),
+                           target_location=self.target.location)
         if isinstance(low, datetime) and isinstance(high, datetime):
             overlap = (pl.col("last_timestamp") >= low) & (pl.col("first_timestamp") <= high)
         else:
@@ -109,6 +111,10 @@ class Replayer:
         ids = [b.batch_id for b in hits]
         # whole batches: every source partition of a batch that overlaps
         return self.ledger.live_batches(pl.col("batch_id").is_in(ids)) if ids else []
+
+    def _app_ids(self) -> list[str]:
+        """Every partition of the source (all shards): the ledger's fence settles a race with a live batch."""
+        return [p.app_id for p in self.source.state()]
 
     # ------------------------------------------------------------ replaying
     def replay(self, batches: list[LedgerBatch],

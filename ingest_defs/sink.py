@@ -7,6 +7,8 @@ reads back versions, in the spirit of kafka-delta-ingest's split between offsets
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,13 @@ from ingest_defs.storage import Location, location, table_location
 
 PROP_PREFIX = "ingest."
 TXN_RETENTION_PROP = "delta.setTransactionRetentionDuration"
+# A commit that loses a race to another writer (a shard's append that changed the table's metadata, a
+# maintenance commit) is retried this many times on the new snapshot; delta-rs already rebases plain
+# appends with other transaction ids itself (up to 15 times), so each of these attempts is a real loss.
+COMMIT_ATTEMPTS = 8
+# What delta-rs says when a winning commit carries one of *our* transaction ids (CommitConflictError::
+# ConcurrentTransaction): another run committed this batch's partitions; never retried.
+SAME_TXN_CONFLICT = "Concurrent transaction failed"
 
 
 class SinkError(RuntimeError):
@@ -29,10 +38,42 @@ class ConcurrentBatchError(RuntimeError):
     """Another writer committed the same app id first: the batch was (or is being) done elsewhere."""
 
 
+class CommitContentionError(SinkError):
+    """Every attempt to commit lost a race to other writers: nothing of the batch was written."""
+
+
 @dataclass
 class Committed:
     version: int | None  # the Delta table version written (None: nothing written)
     rows: int
+    retries: int = 0  # attempts lost to other writers before this one landed
+    seconds: float = 0.0  # time spent committing (all attempts)
+
+
+def commit_with_retries(attempt: Any, refresh: Any, describe: str, attempts: int = COMMIT_ATTEMPTS) -> int:
+    """Run `attempt()` (one Delta commit) until it lands; returns how many attempts were lost first.
+
+    A loss to a commit on one of our own transaction ids raises ConcurrentBatchError at once (someone
+    else did this batch). Any other CommitFailedError (metadata changed, delta-rs out of rebase
+    attempts) is a race with a writer of *other* ids: `refresh()` re-reads the table and this batch's
+    versions, raises ConcurrentBatchError if they moved, and the commit is tried again on the new
+    snapshot. After `attempts` losses: CommitContentionError, never a silent drop."""
+    last = ""
+    for lost in range(attempts):
+        try:
+            attempt()
+            return lost
+        except CommitFailedError as exc:
+            if SAME_TXN_CONFLICT in str(exc):
+                raise ConcurrentBatchError(str(exc)) from exc
+            last = str(exc)
+        # back off a little, with jitter, so racing writers do not collide again in lockstep
+        time.sleep(min(1.0, 0.02 * 2 ** lost) * (0.5 + random.random()))
+        refresh()
+    raise CommitContentionError(
+        f"{describe}: gave up after {attempts} attempts, each lost to a concurrent commit by another writer "
+        f"(last: {last}). Nothing of this batch was written and the broker keeps its messages; the next run "
+        "re-plans them. If this repeats, run fewer shards or move maintenance/schema changes away from peak load.")
 
 
 class DeltaTableSink:
@@ -125,26 +166,41 @@ class DeltaTableSink:
         """Append `frame` in one commit carrying one Transaction per app id (even with zero rows).
 
         Commits against the snapshot the caller read its fence from (`versions()`): a commit by another
-        writer since then on one of our app ids makes this fail with ConcurrentBatchError."""
+        writer since then on one of our app ids makes this fail with ConcurrentBatchError. A commit lost to
+        a writer of other app ids (another shard) is retried on the new snapshot once our app ids are
+        re-read and found unchanged (see `commit_with_retries`)."""
         table = self.table(refresh=False)
         if table is None:
             raise SinkError(f"pipeline '{self.pipeline}': {self.role} table {self.uri} does not exist")
         self._check_schema_change(table, frame)
+        fence = {app_id: table.transaction_version(app_id) for app_id in txns}
         commit = CommitProperties(
             app_transactions=[Transaction(app_id, version) for app_id, version in txns.items()],
             custom_metadata={k: v for k, v in metadata.items() if v is not None},
         )
         if self.role == "target" and faults.requested("during_target_commit"):
             self._die_between_data_files_and_log(frame)
-        try:
-            with self.location.failures(f"committing a batch to the {self.role} table"):
-                write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge", commit_properties=commit)
+        data = frame.to_arrow()
+        committing = f"committing a batch to the {self.role} table"
+
+        def attempt() -> None:
+            with self.location.failures(committing):
+                write_deltalake(table, data, mode="append", schema_mode="merge", commit_properties=commit)
+
+        def refresh() -> None:
+            with self.location.failures(f"reading the {self.role} table"):
                 table.update_incremental()
-        except CommitFailedError as exc:
-            # Nothing of ours landed: a concurrent txn on our app id or a metadata change. The caller
-            # re-plans from Delta, so whatever the other writer did is kept.
-            raise ConcurrentBatchError(str(exc)) from exc
-        return Committed(table.version(), frame.height)
+            self._check_schema_change(table, frame)
+            moved = {a: v for a in txns if (v := table.transaction_version(a)) != fence[a]}
+            if moved:
+                raise ConcurrentBatchError(f"another writer committed {sorted(moved)} meanwhile")
+
+        started = time.monotonic()
+        retries = commit_with_retries(attempt, refresh, f"pipeline '{self.pipeline}': committing to the "
+                                      f"{self.role} table {self.uri}")
+        with self.location.failures(f"reading the {self.role} table"):
+            table.update_incremental()
+        return Committed(table.version(), frame.height, retries, time.monotonic() - started)
 
     def _die_between_data_files_and_log(self, frame: pl.DataFrame) -> None:
         """Fault injection: the state a kill -9 inside `write_deltalake` leaves — the commit's parquet file in

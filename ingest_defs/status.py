@@ -101,11 +101,22 @@ class PipelineStatus:
     figures: PipelineFigures | None = None
     error: str | None = None
     note: str | None = None  # what the source adds (MQTT: messages the broker says it dropped)
+    shards: int = 1  # a sharded Kafka pipeline: shard i owns the partitions p with p % shards == i
+
+    @property
+    def lag_by_shard(self) -> dict[int, int] | None:
+        """Messages behind per shard (None for an unsharded pipeline or one that could not be read)."""
+        if self.shards == 1 or self.figures is None:
+            return None
+        lags = dict.fromkeys(range(self.shards), 0)
+        for p in self.figures.partitions:
+            lags[p.partition % self.shards] += p.lag or 0
+        return lags
 
     def as_dict(self) -> dict[str, Any]:
         """The `--json` document: the figures flat beside the name, or the error."""
         out: dict[str, Any] = {"pipeline": self.pipeline, "source": self.source, "error": self.error,
-                               "note": self.note}
+                               "note": self.note, "lag_by_shard": self.lag_by_shard}
         if self.figures is not None:
             figures = asdict(self.figures)
             figures.pop("pipeline"), figures.pop("source")
@@ -124,7 +135,7 @@ def read_status(spec: PipelineSpec) -> PipelineStatus:
         figures = pipeline_figures(source, DeltaTableSink.of(spec, "target"),
                                    DeltaTableSink.of(spec, "quarantine"))
         note = source.status_note() if hasattr(source, "status_note") else None
-        return PipelineStatus(spec.name, spec.source.kind, figures, note=note)
+        return PipelineStatus(spec.name, spec.source.kind, figures, note=note, shards=spec.shards)
     except Exception as exc:  # one broken pipeline must not hide the others
         return PipelineStatus(spec.name, spec.source.kind, error=str(exc))
     finally:

@@ -228,6 +228,9 @@ def report(spec: PipelineSpec, results: list[BatchResult], extra: dict[str, Any]
         "lag": lag,
         "duration_s": round(duration, 3),
         "messages_per_s": round(messages / duration, 1) if duration else 0.0,
+        # commits lost to other writers (other shards, maintenance) and retried, and the time committing
+        "commit_retries": sum(r.commit_retries for r in results),
+        "commit_s": round(sum(r.stage_s.get("commit", 0.0) for r in results), 3),
         "batch_ids": dg.MetadataValue.json([r.batch_id for r in results]),
         "dagster/row_count": written,
     }

@@ -3,9 +3,10 @@
 Sections (default: all): throughput (Kafka 1M at 1 and 4 partitions and as Avro, NATS 500k, MQTT 200k, each against
 the bare client in the same run), overhead (1,000 small batches, maintenance on and off), memory (1M
 and 5M backlogs), freshness (daemon + 5 s sensors, one pipeline, then four together, uniform and bursty
-traffic), metrics (the cost of a Prometheus scrape with 8 pipelines), s3 (the Kafka 1-partition throughput
-row and the per-batch overhead row with maintenance on, again with the tables on the stack's S3 server,
-beside the local-disk rows of the same run), soak (the shipped pipelines under `dagster dev` for 30
+traffic), metrics (the cost of a Prometheus scrape with 8 pipelines), shards (a 2M backlog over 12
+partitions drained by 1, 2 and 4 shards as concurrent runs; `--quick`: 100k), s3 (the Kafka 1-partition
+throughput row and the per-batch overhead row with maintenance on, again with the tables on the stack's S3
+server, beside the local-disk rows of the same run), soak (the shipped pipelines under `dagster dev` for 30
 minutes, `--soak-minutes`). The figures go
 to `<lake>/_bench/results.json` and a chart to `<lake>/_bench/results.png`; how each is defined is in
 the README's performance section. `--quick` runs every section at a tenth of the size (a smoke run).
@@ -33,7 +34,7 @@ from ingest_defs.config import lake_root
 console = Console(width=max(Console().width, 150))  # wide tables even when the output goes to a file
 
 
-SECTIONS = ["throughput", "overhead", "memory", "freshness", "metrics", "s3", "soak"]
+SECTIONS = ["throughput", "overhead", "memory", "freshness", "metrics", "shards", "s3", "soak"]
 TARGETS = {"kafka": 0.7, "nats": 0.8, "mqtt": 0.9}  # ratio A targets (facts.md)
 
 
@@ -211,6 +212,24 @@ def s3(quick: bool, results: dict[str, Any]) -> dict[str, Any]:
     return {"throughput": [kafka], "overhead": overhead_rows}
 
 
+def shards(quick: bool) -> list[dict[str, Any]]:
+    from ingest_defs.bench.shards import bench_shards
+
+    rows = bench_shards(100_000 if quick else 2_000_000, batch=10_000 if quick else 100_000)
+    table = Table("shards", "messages", "wall s", "msg/s", "speed-up", "in-run msg/s", "CPU s per process",
+                  "broker CPU s", "cores used (all)", "commit retries", "time committing",
+                  title="Shards: 12 partitions drained by N concurrent runs (Dagster start-up included)")
+    for r in rows:
+        table.add_row(str(r["shards"]), f"{r['messages']:,}", f"{r['wall_s']:.1f}", f"{r['rate']:,.0f}",
+                      f"{r['speedup']:.2f}", f"{r['in_run_rate']:,.0f}",
+                      " ".join(f"{s['cpu_s']:.0f}" for s in r["per_shard"]), _fmt(r["broker_cpu_s"], ".0f"),
+                      f"{r['cpu_use']:.0%} ({r['machine_cpu_use']:.0%})", str(r["commit_retries"]),
+                      f"{r['commit_share']:.0%}")
+    console.print(table)
+    console.print(f"where it stops: {rows[-1]['verdict']}")
+    return rows
+
+
 def _delete_bench_topics() -> None:
     """The Kafka topics of this and earlier bench runs (NATS streams are deleted by their section)."""
     from confluent_kafka.admin import AdminClient
@@ -241,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     runners = {"throughput": throughput, "overhead": overhead, "memory": memory, "freshness": freshness,
                "metrics": metrics,
+               "shards": shards,
                "s3": lambda quick: s3(quick, results),
                "soak": lambda quick: soak(quick, args.soak_minutes)}
     # Every table, work dir and daemon log of this run goes under one scratch dir, removed at the end.

@@ -60,6 +60,16 @@ def _freshness(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.legend(fontsize=7)
 
 
+def _shards(ax: Any, rows: list[dict[str, Any]]) -> None:
+    labels = [f"{r['shards']} shard(s)" for r in rows]
+    ax.bar(labels, [r["rate"] / 1000 for r in rows], label="msg/s (k), launch to last exit")
+    ax.plot(labels, [r["cpu_use"] * max(r["rate"] for r in rows) / 1000 for r in rows], "o--", color="black",
+            label="cores used (scaled to the tallest bar = 100%)")
+    ax.set_ylabel("k msg/s")
+    ax.set_title(f"Shards: {rows[0]['messages']:,} over 12 partitions")
+    ax.legend(fontsize=7)
+
+
 def draw(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -67,7 +77,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(name, fn) for name, fn in (("throughput", _throughput), ("overhead", _overhead),
-                                          ("memory", _memory), ("freshness", _freshness)) if results.get(name)]
+                                          ("memory", _memory), ("freshness", _freshness), ("shards", _shards))
+              if results.get(name)]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)

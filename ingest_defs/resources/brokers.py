@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 
 from ingest_defs.config import PipelineSpec
+from ingest_defs.shards import Shard
 from ingest_defs.sources.base import Source
 
 DEFAULT_KAFKA = "localhost:9092"
@@ -48,10 +49,10 @@ class KafkaResource(dg.ConfigurableResource):
         config.update({k: v for k, v in optional.items() if v})
         return config
 
-    def source_for(self, spec: PipelineSpec) -> Source:
+    def source_for(self, spec: PipelineSpec, shard: Shard | None = None) -> Source:
         from ingest_defs.sources.kafka import KafkaSource
 
-        return KafkaSource(spec, self.client_config())
+        return KafkaSource(spec, self.client_config(), shard)
 
 
 class NatsResource(dg.ConfigurableResource):
@@ -125,8 +126,8 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
     }
 
 
-def source_for(spec: PipelineSpec, resources: dict[str, Any] | None = None) -> Source:
-    """The source of a pipeline, outside Dagster (CLI, tests, benchmarks)."""
+def source_for(spec: PipelineSpec, resources: dict[str, Any] | None = None, shard: Shard | None = None) -> Source:
+    """The source of a pipeline (or of one shard of it), outside Dagster (CLI, tests, benchmarks)."""
     resources = resources or resources_from_env()
     resource = resources[spec.source.kind].process_config_and_initialize()  # resolves EnvVars
-    return resource.source_for(spec)
+    return resource.source_for(spec, shard) if shard is not None else resource.source_for(spec)

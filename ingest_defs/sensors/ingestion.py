@@ -14,6 +14,7 @@ from ingest_defs.assets.ingestion import job_name, op_name
 from ingest_defs.config import PipelineSpec
 from ingest_defs.lifecycle import BatchRunner
 from ingest_defs.partitions import partition_key_at
+from ingest_defs.shards import Shard, shard_job_name, shard_op_name
 from ingest_defs.sink import DeltaTableSink
 
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -21,13 +22,17 @@ IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.D
 RETRYABLE = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
-def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, source, trigger: str):
-    """A RunRequest for the next range of `spec`, or a SkipReason. Shared by sensors and schedules."""
+def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, source, trigger: str,
+                     shard: Shard | None = None):
+    """A RunRequest for the next range of `spec` (or of one shard of it: `source` is then restricted to the
+    shard's partitions), or a SkipReason. Shared by sensors and schedules."""
+    job = job_name(spec) if shard is None else shard_job_name(spec, shard.index)
     active = context.instance.get_runs(
-        filters=dg.RunsFilter(job_name=job_name(spec), statuses=IN_PROGRESS), limit=1)
+        filters=dg.RunsFilter(job_name=job, statuses=IN_PROGRESS), limit=1)
+    who = spec.name if shard is None else f"{spec.name} shard {shard.label}"
     if active:
-        return dg.SkipReason(f"{spec.name}: run {active[0].run_id} is still in progress")
-    if not getattr(source, "probe", True):
+        return dg.SkipReason(f"{who}: run {active[0].run_id} is still in progress")
+    if not getattr(source, "probe", True):  # never sharded: MQTT
         # Looking would take delivery of what waits (MQTT QoS 0 from a broker that does not upgrade it) and
         # a sensor cannot keep it: ask for a run, which plans and reads itself (and registers a new session).
         source.close()
@@ -42,27 +47,39 @@ def plan_run_request(context: dg.SensorEvaluationContext, spec: PipelineSpec, so
     finally:
         source.close()
     if plan.empty:
-        return dg.SkipReason(f"{spec.name}: no lag")
+        return dg.SkipReason(f"{who}: no lag")
     start_sig = ",".join(f"{r.partition}:{r.start}" for r in plan.ranges)
     cursor = json.loads(context.cursor) if context.cursor else {}
-    generation = int(cursor.get(start_sig, 0))
-    run_key = f"{spec.name}:{start_sig}:{generation}"
+    # one cursor entry per shard (the plan generation per start); an unsharded pipeline keeps the flat one
+    scope = cursor if shard is None else cursor.get(f"shard_{shard.index}", {})
+    generation = int(scope.get(start_sig, 0))
+    prefix = spec.name if shard is None else f"{spec.name}:s{shard.index}"
+    run_key = f"{prefix}:{start_sig}:{generation}"
     previous = context.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
     # Unbounded plans (MQTT, work queues) start where the last run ended even when it found nothing:
     # a finished run must not block the next request for the same start.
     if previous and (previous[0].status in RETRYABLE or not plan.bounded):
         generation += 1
-        run_key = f"{spec.name}:{start_sig}:{generation}"
-    context.update_cursor(json.dumps({start_sig: generation}))
+        run_key = f"{prefix}:{start_sig}:{generation}"
+    if shard is None:
+        context.update_cursor(json.dumps({start_sig: generation}))
+    else:
+        context.update_cursor(json.dumps({**cursor, f"shard_{shard.index}": {start_sig: generation}}))
     ranges = [r.as_dict() for r in plan.ranges]
+    config = {"ranges": ranges, "trigger": trigger, "mode": "live"}
+    tags = {"ingest/pipeline": spec.name, "ingest/trigger": trigger, "ingest/plan": start_sig,
+            "ingest/plan_generation": str(generation), "ingest/planned_messages": str(plan.total)}
+    if shard is not None:  # a shard job is a plain op job: not partitioned, named in the request
+        return dg.RunRequest(run_key=run_key, job_name=job,
+                             run_config={"ops": {shard_op_name(spec, shard.index): {"config": config}}},
+                             tags={**tags, "ingest/shard": shard.label})
     return dg.RunRequest(
         run_key=run_key,
         # live runs target the current ingestion-time partition; mode says live explicitly so a run that
         # starts after midnight is not taken for a replay of yesterday
         partition_key=partition_key_at(spec),
-        run_config={"ops": {op_name(spec): {"config": {"ranges": ranges, "trigger": trigger, "mode": "live"}}}},
-        tags={"ingest/pipeline": spec.name, "ingest/trigger": trigger, "ingest/plan": start_sig,
-              "ingest/plan_generation": str(generation), "ingest/planned_messages": str(plan.total)},
+        run_config={"ops": {op_name(spec): {"config": config}}},
+        tags=tags,
     )
 
 

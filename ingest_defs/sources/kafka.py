@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from ingest_defs.config import PipelineSpec, expand_env
 from ingest_defs.logs import LIBRDKAFKA
 from ingest_defs.security import kafka_secrets, kafka_security, redact
+from ingest_defs.shards import Shard
 from ingest_defs.sources.base import (
     Gap,
     PartitionRange,
@@ -34,16 +35,41 @@ CONNECT_SECONDS = 15.0  # how long the first metadata request may take before th
 # librdkafka error codes that mean "this broker will not take us as configured": fail at once, say why.
 _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/password and sasl_mechanism)",
             KafkaError._SSL: "TLS failed (check ca_file: the CA that signed the broker's certificate)"}
+# While a cluster fails over (a broker died, a leader or the group coordinator moved), requests fail with
+# these until librdkafka's metadata catches up: asked again for up to FAILOVER_SECONDS, not failed at once.
+FAILOVER_SECONDS = 45.0
+_FAILOVER = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+             KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+             KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+             KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def _during_failover(call: Any) -> Any:
+    """`call()`, asked again while the error says the cluster is failing over (see _FAILOVER)."""
+    deadline = time.monotonic() + FAILOVER_SECONDS
+    wait = 0.2
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not isinstance(err, KafkaError) or not (err.retriable() or err.code() in _FAILOVER) \
+                    or time.monotonic() + wait > deadline:
+                raise
+        time.sleep(wait)
+        wait = min(2.0, wait * 2)
 
 
 class KafkaSource:
     kind = "kafka"
     reports_bounds = True
 
-    def __init__(self, spec: PipelineSpec, client_config: dict[str, Any]):
+    def __init__(self, spec: PipelineSpec, client_config: dict[str, Any], shard: Shard | None = None):
         kafka = spec.source.kafka
         assert kafka is not None
         self.spec = spec
+        # A shard plans, reads and acknowledges only its partitions (p % N == i); None: all of them.
+        self.shard = shard
         self.topic = kafka.topic
         self.group_id = kafka.group_id or f"ingest-{spec.name}"
         passthrough = {k: expand_env(spec.name, f"source.kafka.config.{k}", v) for k, v in kafka.config.items()}
@@ -142,6 +168,11 @@ class KafkaSource:
         return redact(text, self.secrets)
 
     def _partition_ids(self) -> list[int]:
+        """The topic's partitions this source owns: all of them, or its shard's (new ones included)."""
+        partitions = self._all_partition_ids()
+        return partitions if self.shard is None else self.shard.partitions(partitions)
+
+    def _all_partition_ids(self) -> list[int]:
         self._check_connection()
         metadata = self._consumer_for().list_topics(self.topic, timeout=15)
         topic = metadata.topics.get(self.topic)
@@ -154,8 +185,8 @@ class KafkaSource:
 
     def _watermarks(self, partition: int) -> tuple[int, int]:
         # Under read_committed the high watermark is the last stable offset (librdkafka#3428).
-        return self._consumer_for().get_watermark_offsets(
-            TopicPartition(self.topic, partition), timeout=15, cached=False)
+        return _during_failover(lambda: self._consumer_for().get_watermark_offsets(
+            TopicPartition(self.topic, partition), timeout=15, cached=False))
 
     # ------------------------------------------------------------ protocol
     def plan(self, stored: StoredVersion, max_messages: int) -> Plan:
@@ -284,7 +315,7 @@ class KafkaSource:
         offsets = [TopicPartition(self.topic, r.partition, r.end + 1) for r in batch.covered if r.count > 0]
         if offsets:
             try:
-                self._consumer_for().commit(offsets=offsets, asynchronous=False)
+                _during_failover(lambda: self._consumer_for().commit(offsets=offsets, asynchronous=False))
             except KafkaException as exc:
                 raise self._denied(f"committing offsets of group '{self.group_id}'", exc) from None
 
@@ -299,7 +330,7 @@ class KafkaSource:
     def committed(self) -> dict[int, int | None]:
         """The group's committed next offsets per partition (None: nothing committed)."""
         tps = [TopicPartition(self.topic, p) for p in self._partition_ids()]
-        result = self._consumer_for().committed(tps, timeout=15)
+        result = _during_failover(lambda: self._consumer_for().committed(tps, timeout=15))
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in result}
 
     def identity(self) -> dict[str, str]:
@@ -347,7 +378,8 @@ class KafkaSource:
         self._check_connection()
         admin = AdminClient(self._admin_config())
         partitions = self.spec.source.kafka.partitions
-        futures = admin.create_topics([NewTopic(self.topic, num_partitions=partitions, replication_factor=1)])
+        # replication_factor -1: the broker's default.replication.factor (1 on the local stack, 3 on the cluster)
+        futures = admin.create_topics([NewTopic(self.topic, num_partitions=partitions, replication_factor=-1)])
         try:
             futures[self.topic].result(timeout=30)
         except KafkaException as exc:

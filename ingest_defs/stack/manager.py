@@ -207,6 +207,7 @@ class Broker:
     argv_marker: str | None = None  # what our process's argv holds (default: the config file's path)
     popen: Callable[[], dict] | None = None  # extra Popen arguments (environment, OS user)
     stop_signal: int = signal.SIGTERM
+    before_start: Callable[[Broker, list[str]], None] | None = None  # e.g. a cluster node's storage format
 
     @property
     def dir(self) -> Path:
@@ -230,14 +231,19 @@ class Broker:
 
     @property
     def config(self) -> Path:
-        return self.dir / {"kafka": "server.properties", "prometheus": "prometheus.yml"}.get(self.name, f"{self.name}.conf")
+        return self.dir / ("server.properties" if self.binary == "java" and self.name != "registry" else
+                           {"prometheus": "prometheus.yml"}.get(self.name, f"{self.name}.conf"))
 
     @property
     def ports(self) -> dict[int, str]:
         return {self.endpoint.port: f"{self.label} port", **self.extra_ports}
 
 
-def _brokers(secure: bool = False) -> list[Broker]:
+def _brokers(secure: bool = False, cluster: bool = False) -> list[Broker]:
+    if cluster:
+        from ingest_defs.stack import cluster as kafka_cluster  # the 3-node Kafka cluster (`up --cluster`)
+
+        return kafka_cluster.brokers()
     if secure:
         return _secure_brokers()
     from ingest_defs.stack import registry  # imports this module
@@ -478,11 +484,11 @@ def _kafka_config(b: Broker) -> list[str]:
     return _kafka_argv(b)
 
 
-def _kafka_argv(b: Broker) -> list[str]:
+def _kafka_argv(b: Broker, heap: str = "768m") -> list[str]:
     return [
         _java(),
-        "-Xmx768m",
-        "-Xms256m",
+        f"-Xmx{heap}",
+        "-Xms128m" if heap != "768m" else "-Xms256m",
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
         # Kafka logs its own shutdown; log4j2 must not stop logging before that.
@@ -896,7 +902,9 @@ def _start(b: Broker) -> int:
     b.dir.mkdir(parents=True, exist_ok=True)
     _rotate(b.logfile)
     argv = b.write_config(b)
-    if b.name == "kafka":
+    if b.before_start is not None:
+        b.before_start(b, argv)
+    elif b.name == "kafka":
         _kafka_format(b, argv)
     _log_banner(b, f"starting {shlex.join(argv)}")
     with open(b.logfile, "a") as log:
@@ -1096,22 +1104,27 @@ def _services(prometheus: bool) -> list[Broker]:
 
 
 def up(secure: bool = False, with_s3: bool | None = None, with_postgres: bool = False, brokers: bool = True,
-       prometheus: bool = False) -> int:
+       prometheus: bool = False, cluster: bool = False) -> int:
     """Start (or reuse) Kafka, NATS JetStream and Mosquitto (and the S3 server, PostgreSQL, Prometheus); wait
     until each answers. `with_s3` None: only when the lake is on the stack's S3 server (`s3_wanted`).
-    `brokers=False`: only the services.
+    `brokers=False`: only the services. `cluster`: the three Kafka nodes of the cluster (stack/cluster.py)
+    instead of the brokers.
 
     Returns a process exit code (0 = all answer).
     """
     try:
         services = _service_brokers(s3_wanted() if with_s3 is None else with_s3, with_postgres)
-        wanted = (_brokers(secure) if brokers else []) + services + _services(prometheus)
+        wanted = (_brokers(secure, cluster) if brokers else []) + services + _services(prometheus)
         if external():
             return _up_external(wanted)
         if secure:
             _prepare_secure()
         _prepare_services(services)
         rc = _up_native(wanted)
+        if rc == 0 and cluster:
+            from ingest_defs.stack import cluster as kafka_cluster
+
+            _say(f"ingest stack: cluster up; clients: KAFKA_BOOTSTRAP_SERVERS={kafka_cluster.bootstrap()}")
         if rc == 0 and secure:
             _say(f"ingest stack: secure stack up; for its addresses, CA, client certificates and passwords: "
                  f"`. {_secure_layout().env_file}` (see the README's security section)")
@@ -1179,7 +1192,7 @@ def _up_native(brokers: list[Broker]) -> int:
         failures: dict[str, str] = {}
         if to_start:
             ensure_system_packages()
-            if any(b.name == "kafka" for b in to_start):
+            if any(b.binary == "java" for b in to_start):
                 ensure_kafka_jars()
             # Quick ones first; Kafka's one-time storage format runs while they boot.
             for b in sorted(to_start, key=lambda x: x.name == "kafka"):
@@ -1223,20 +1236,27 @@ def _read_run(b: Broker) -> dict:
         return {}
 
 
-def down(secure: bool | None = None, prometheus: bool = False, only: set[str] | None = None) -> int:
+def down(secure: bool | None = None, prometheus: bool = False, only: set[str] | None = None,
+         cluster: bool = False) -> int:
     """Stop the brokers this stack started (pidfiles), SIGTERM then SIGKILL after 20 s.
 
-    `secure`: None stops the plain and the secure stack, True only the secure one, False only the plain one.
-    Prometheus stops with the plain stack; `prometheus=True` stops only Prometheus.
-    `only`: just these services (by name: kafka, nats, mosquitto, registry, prometheus)."""
+    `secure`: None stops the plain and the secure stack (and the Kafka cluster), True only the secure one,
+    False only the plain one. Prometheus stops with the plain stack; `prometheus=True` stops only Prometheus.
+    `cluster`: only the Kafka cluster. `only`: just these services (by name: kafka, nats, mosquitto,
+    registry, prometheus, s3, postgres)."""
     try:
-        brokers = [] if secure or prometheus else _brokers()
-        if secure is not False and not prometheus and _secure_layout().root.exists():
-            brokers += _brokers(secure=True)
-        if not secure and not prometheus:  # the S3 server and PostgreSQL, if this stack ever ran them
-            brokers += _service_brokers((stack_dir() / "s3").exists(), (stack_dir() / "postgres").exists())
-        if not secure and (stack_dir() / prometheus_service.NAME).exists():
-            brokers += _services(prometheus=True)
+        if cluster:
+            brokers = _brokers(cluster=True)
+        else:
+            brokers = [] if secure or prometheus else _brokers()
+            if secure is not False and not prometheus and _secure_layout().root.exists():
+                brokers += _brokers(secure=True)
+            if secure is None and not prometheus and (stack_dir() / "cluster").exists():
+                brokers += _brokers(cluster=True)
+            if not secure and not prometheus:  # the S3 server and PostgreSQL, if this stack ever ran them
+                brokers += _service_brokers((stack_dir() / "s3").exists(), (stack_dir() / "postgres").exists())
+            if not secure and (stack_dir() / prometheus_service.NAME).exists():
+                brokers += _services(prometheus=True)
         if only is not None:
             brokers = [b for b in brokers if b.name in only]
     except StackError as exc:
@@ -1293,11 +1313,11 @@ def down(secure: bool | None = None, prometheus: bool = False, only: set[str] | 
 
 
 def status(secure: bool = False, with_s3: bool | None = None, with_postgres: bool = False, brokers: bool = True,
-           prometheus: bool = False) -> int:
+           prometheus: bool = False, cluster: bool = False) -> int:
     """Print address, pid (if ours) and health of each broker; non-zero if any is not answering."""
     try:
         services = _service_brokers(s3_wanted() if with_s3 is None else with_s3, with_postgres)
-        brokers = (_brokers(secure) if brokers else []) + services + _services(prometheus)
+        brokers = (_brokers(secure, cluster) if brokers else []) + services + _services(prometheus)
     except StackError as exc:
         _say(f"ingest stack: ERROR: {exc}")
         return 1
