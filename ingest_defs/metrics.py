@@ -282,7 +282,7 @@ class PipelineProbe:
         self._source: Source | None = None
         self.target = DeltaTableSink.of(spec, "target")
         self.quarantine = DeltaTableSink.of(spec, "quarantine")
-        self.ledger = LedgerReader(Ledger(spec.ledger_uri(), spec.name))
+        self.ledger = LedgerReader(Ledger.of(spec))
         self._ledger_totals: LedgerTotals | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"metrics-{spec.name}")
         self._future: Future[Snapshot] | None = None

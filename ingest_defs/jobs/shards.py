@@ -37,7 +37,8 @@ from ingest_defs.shards import (
 )
 from ingest_defs.sink import DeltaTableSink, SinkError
 from ingest_defs.sources.base import PartitionRange, SourceError
-from ingest_defs.validation import FrameValidationError
+from ingest_defs.storage import StorageConfigError, StorageError
+from ingest_defs.storage import redact as redact_storage
 
 
 def shard_tags(spec: PipelineSpec, shard: Shard) -> dict[str, str]:
@@ -74,20 +75,21 @@ def build_shard_job(spec: PipelineSpec, shard: Shard) -> dg.JobDefinition:
         faults.set_shard(shard.index)
         kafka = context.resources.kafka
         source = kafka.source_for(spec, shard)
-        target = DeltaTableSink(spec.table_uri(), spec.name, "target")
-        quarantine = DeltaTableSink(spec.quarantine_uri(), spec.name, "quarantine")
-        ledger = Ledger(spec.ledger_uri(), spec.name, partition_of=lambda when: partition_key_at(spec, when))
+        target = DeltaTableSink.of(spec, "target")
+        quarantine = DeltaTableSink.of(spec, "quarantine")
+        ledger = Ledger.of(spec, partition_of=lambda when: partition_key_at(spec, when))
         runner = BatchRunner(spec, source, target, quarantine,
                              BatchContext(run_id=context.run.run_id, trigger=config.trigger, mode="live",
-                                          log=context.log.info, shard=shard.label), ledger=ledger)
+                                          log=context.log.info, log_warning=context.log.warning,
+                                          shard=shard.label), ledger=ledger)
         requested = [PartitionRange(r.app_id, r.partition, r.start, r.end) for r in config.ranges] or None
         everything = kafka.source_for(spec)  # all partitions: every shard's lag, for the metadata
         try:
             results = runner.run(requested, config.max_batches, config.max_seconds)
             lags = lag_by_shard(spec, everything, target)
             owned = shard.partitions(p.partition for p in everything.state())
-        except (GapError, SourceError, SinkError, FrameValidationError) as exc:
-            raise dg.Failure(description=redact(str(exc), getattr(source, "secrets", ()))) from None
+        except (GapError, SourceError, SinkError, StorageError, StorageConfigError) as exc:
+            raise dg.Failure(description=redact_storage(redact(str(exc), getattr(source, "secrets", ())))) from None
         finally:
             source.close()
             everything.close()
