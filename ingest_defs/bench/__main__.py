@@ -149,6 +149,8 @@ def soak(quick: bool, minutes: float | None = None) -> dict[str, Any]:
         table.add_row(p["pipeline"], p["source"], f"{p['published']:,}", f"{p['landed']:,}", f"{p['quarantined']:,}",
                       f"{_fmt(t['version'], 'd')}/{t['files']}", f"{_fmt(led['version'], 'd')}/{led['files']}", fresh)
     console.print(table)
+    for skipped in result.get("skipped", []):
+        console.print(f"not soaked: {skipped}")
     runs = Table("job", "runs", "failed", title="Soak: runs")
     for job, figures in sorted(result["runs"].items()):
         runs.add_row(job, str(figures["runs"]), str(figures["failed"]))
