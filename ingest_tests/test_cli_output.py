@@ -138,9 +138,9 @@ def test_run_status_show_batches_on_a_terminal_in_ci_logs_and_as_json(tmp_path: 
     # --json for scripts
     document = json.loads(ingest_cli(["status", spec.name, "--json"], env).stdout)
     assert document[0]["pipeline"] == spec.name and document[0]["lag"] == 0 and document[0]["error"] is None
-    assert document[0]["quarantined"] == 1
+    assert document[0]["quarantined_rows"] == 1 and document[0]["target_rows"] == 1000
     assert sorted(p["partition"] for p in document[0]["partitions"]) == [0, 1]
-    assert sum(p["broker_last"] + 1 for p in document[0]["partitions"]) == 1001
+    assert sum(p["broker_end"] + 1 for p in document[0]["partitions"]) == 1001
     shown = json.loads(ingest_cli(["show", spec.name, "--json", "--rows", "2"], env).stdout)
     assert shown[0]["rows"] == 1000 and shown[0]["quarantined"] == 1 and len(shown[0]["sample"]) == 2
     assert shown[0]["reasons"] == [{"reason": "invalid JSON", "count": 1}]
