@@ -411,6 +411,10 @@ class BatchRunner:
             for position, reason in checked.failures.items():
                 failures[positions[position]] = reason
         good = checked.valid
+        unstorable = self.target.unstorable_rows(good, ROW)  # only in tables older than widened unsigned columns
+        if unstorable:
+            failures.update(unstorable)
+            good = good.filter(~pl.col(ROW).is_in(list(unstorable)))
         if self.keep_raw:
             good = good.with_columns(pl.Series("_raw", raw.payloads, dtype=pl.Binary).gather(good.get_column(ROW)))
         good = good.drop(ROW)

@@ -42,6 +42,45 @@ class CommitContentionError(SinkError):
     """Every attempt to commit lost a race to other writers: nothing of the batch was written."""
 
 
+# Delta has no unsigned integers, and delta-rs writes polars' UIntN as the signed N-bit type: a uint32 of
+# 3e9 failed the whole batch's commit, again on every retry. Each unsigned column is stored in the next wider
+# signed type instead (uint64 in decimal(20,0)), which holds every value the schema admits.
+STORED_UNSIGNED: dict[type[pl.DataType], pl.DataType] = {
+    pl.UInt8: pl.Int16(), pl.UInt16: pl.Int32(), pl.UInt32: pl.Int64(), pl.UInt64: pl.Decimal(20, 0)}
+# Tables created before that hold them in the signed type of the same width: (Delta type, largest value).
+LEGACY_UNSIGNED: dict[type[pl.DataType], tuple[str, int]] = {
+    pl.UInt8: ("byte", 2**7 - 1), pl.UInt16: ("short", 2**15 - 1), pl.UInt32: ("integer", 2**31 - 1),
+    pl.UInt64: ("long", 2**63 - 1)}
+
+
+def stored_dtype(dtype: pl.DataType) -> pl.DataType:
+    """The type a column of `dtype` is stored as in Delta (unsigned integers widened, also inside
+    structs and lists)."""
+    if type(dtype) in STORED_UNSIGNED:
+        return STORED_UNSIGNED[type(dtype)]
+    if isinstance(dtype, pl.Struct):
+        return pl.Struct([pl.Field(f.name, stored_dtype(f.dtype)) for f in dtype.fields])
+    if isinstance(dtype, pl.List):
+        return pl.List(stored_dtype(dtype.inner))
+    if isinstance(dtype, pl.Array):
+        return pl.Array(stored_dtype(dtype.inner), dtype.shape)
+    return dtype
+
+
+def storable(frame: pl.DataFrame, existing: dict[str, str] | None = None) -> pl.DataFrame:
+    """`frame` with the types Delta stores. `existing` (column → Delta type name of the table): a top-level
+    unsigned column that an older table already holds in the signed type of its width keeps that type
+    (`unstorable_rows` sent the values it cannot hold to quarantine first)."""
+    casts: dict[str, pl.DataType] = {}
+    for name, dtype in frame.schema.items():
+        legacy = LEGACY_UNSIGNED.get(type(dtype))
+        if legacy is not None and existing is not None and existing.get(name) == legacy[0]:
+            casts[name] = {"byte": pl.Int8(), "short": pl.Int16(), "integer": pl.Int32(), "long": pl.Int64()}[legacy[0]]
+        elif (wanted := stored_dtype(dtype)) != dtype:
+            casts[name] = wanted
+    return frame.cast(casts) if casts else frame  # type: ignore[arg-type]
+
+
 @dataclass
 class Committed:
     version: int | None  # the Delta table version written (None: nothing written)
@@ -142,7 +181,7 @@ class DeltaTableSink:
         if self.table(refresh=False) is not None:
             return
         try:
-            self.location.write(template.clear().to_arrow(), mode="error", partition_by=partition_by or None)
+            self.location.write(storable(template.clear()).to_arrow(), mode="error", partition_by=partition_by or None)
         except (CommitFailedError, DeltaError) as exc:
             if self.location.exists():
                 return  # another writer created it first
@@ -172,6 +211,7 @@ class DeltaTableSink:
         table = self.table(refresh=False)
         if table is None:
             raise SinkError(f"pipeline '{self.pipeline}': {self.role} table {self.uri} does not exist")
+        frame = storable(frame, self._column_types(table))
         self._check_schema_change(table, frame)
         fence = {app_id: table.transaction_version(app_id) for app_id in txns}
         commit = CommitProperties(
@@ -233,10 +273,11 @@ class DeltaTableSink:
             table = self.table(refresh=True)
             if table is None:
                 raise SinkError(f"pipeline '{self.pipeline}': {self.role} table {self.uri} does not exist")
-            self._check_schema_change(table, frame)
+            stored = storable(frame, self._column_types(table))
+            self._check_schema_change(table, stored)
             try:
                 with self.location.failures(f"replacing rows of the {self.role} table"):
-                    write_deltalake(table, frame.to_arrow(), mode="overwrite", predicate=predicate,
+                    write_deltalake(table, stored.to_arrow(), mode="overwrite", predicate=predicate,
                                     schema_mode="merge", commit_properties=commit)
                     table.update_incremental()
             except CommitFailedError:
@@ -245,6 +286,32 @@ class DeltaTableSink:
                 continue
             return Committed(table.version(), frame.height)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _column_types(table: DeltaTable) -> dict[str, str]:
+        return {f.name: _type_name(f.type) for f in table.schema().fields}
+
+    def unstorable_rows(self, frame: pl.DataFrame, position: str) -> dict[int, str]:
+        """Rows (by their `position` column) holding an unsigned value this table cannot store: a table made
+        before unsigned columns were widened holds uintN in the signed N-bit type. The rows go to quarantine
+        with the reason and the fix, instead of failing every retry of the batch."""
+        table = self.table(refresh=False)
+        if table is None:
+            return {}
+        existing = self._column_types(table)
+        failures: dict[int, str] = {}
+        for name, dtype in frame.schema.items():
+            legacy = LEGACY_UNSIGNED.get(type(dtype))
+            if legacy is None or existing.get(name) != legacy[0]:
+                continue
+            over = frame.filter(pl.col(name) > legacy[1]).select(position, name)
+            for row, value in over.iter_rows():
+                failures.setdefault(row, (
+                    f"number out of range: {name}={value} is more than {legacy[1]}, the largest value column "
+                    f"'{name}' can hold in {self.uri} (Delta {legacy[0]}: the table was created before unsigned "
+                    "columns were stored one size wider). To keep such values, point `table:` at a new table "
+                    "and replay into it"))
+        return failures
 
     def _check_schema_change(self, table: DeltaTable, frame: pl.DataFrame) -> None:
         existing = {f.name: f.type for f in table.schema().fields}
