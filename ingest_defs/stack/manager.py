@@ -205,7 +205,7 @@ class Broker:
     root: Path = field(default_factory=stack_dir)
     after_ready: Callable[[], None] | None = None  # idempotent setup once it answers (secure Kafka: users, ACLs)
     argv_marker: str | None = None  # what our process's argv holds (default: the config file's path)
-    popen: Callable[[], dict] | None = None  # extra Popen arguments (environment, OS user)
+    popen: Callable[[], dict] | None = None  # extra Popen arguments (environment, OS user, cwd)
     stop_signal: int = signal.SIGTERM
     before_start: Callable[[Broker, list[str]], None] | None = None  # e.g. a cluster node's storage format
 
@@ -368,7 +368,8 @@ def _service_brokers(with_s3: bool, with_postgres: bool) -> list[Broker]:
                 binary="postgres", timeout=60.0,
                 probe=lambda t: _probe_external_postgres(t) if external() else postgres.probe(pg, t),
                 write_config=lambda b: postgres.prepare(pg, apt_install), root=root, argv_marker=str(pg.data),
-                after_ready=lambda: postgres.ensure_database(pg), popen=postgres.popen_user,
+                after_ready=lambda: postgres.ensure_database(pg),
+                popen=lambda: {**postgres.popen_user(), "cwd": pg.data},  # its data dir may be outside (Layout.data)
                 stop_signal=signal.SIGINT,  # fast shutdown; SIGTERM waits for every client to leave
             ))
     except (s3.S3StackError, postgres.PostgresStackError) as exc:
@@ -907,16 +908,17 @@ def _start(b: Broker) -> int:
     elif b.name == "kafka":
         _kafka_format(b, argv)
     _log_banner(b, f"starting {shlex.join(argv)}")
+    extra = b.popen() if b.popen else {}
     with open(b.logfile, "a") as log:
         proc = subprocess.Popen(
             argv,
-            cwd=b.data_dir,
+            cwd=extra.pop("cwd", b.data_dir),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
-            **(b.popen() if b.popen else {}),
+            **extra,
         )
     _CHILDREN[proc.pid] = proc
     b.pidfile.write_text(f"{proc.pid}\n")
@@ -1093,6 +1095,8 @@ def _row(b: Broker, pid: int | None, state: str, extra: str = "") -> str:
 def _check_answers(
     brokers: list[Broker], pids: dict[str, int | None], timeouts: dict[str, float]
 ) -> dict[str, str | None]:
+    if not brokers:  # every start failed
+        return {}
     with ThreadPoolExecutor(max_workers=len(brokers)) as pool:
         futures = {b.name: pool.submit(_wait_ready, b, pids.get(b.name), timeouts[b.name]) for b in brokers}
         return {name: f.result() for name, f in futures.items()}

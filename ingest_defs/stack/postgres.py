@@ -19,6 +19,7 @@ fast shutdown: SIGTERM would wait for every client, e.g. a running dagster-daemo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import secrets
@@ -33,6 +34,7 @@ DEFAULT_PORT = 5432
 USER = "ingest"
 DATABASE = "dagster"
 OS_USER_WHEN_ROOT = "postgres"
+OUTSIDE_DATA_ROOT = Path("/var/tmp/ingest-postgres")  # see Layout.data
 DEBIAN_PACKAGE = "postgresql"
 SERVER_SETTINGS = {
     "listen_addresses": "'127.0.0.1'",
@@ -65,7 +67,21 @@ class Layout:
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        """`<stack dir>/postgres/data`, or, when the server runs as `postgres` (we are root) and that user
+        cannot reach the stack dir (a clone under a private directory such as `mktemp -d`'s), a directory
+        of this stack's own under /var/tmp (one per stack dir, so restarts find it)."""
+        inside = self.root / "data"
+        owner = run_as()
+        if owner is None or _reachable(inside, owner):
+            return inside
+        digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        return OUTSIDE_DATA_ROOT / digest / "data"
+
+    @property
+    def data_marker(self) -> Path:
+        """Names the data directory this stack initialised (a /var/tmp one left by an older stack at the
+        same path has another password: it is replaced)."""
+        return self.root / "data_dir"
 
     @property
     def config(self) -> Path:
@@ -159,8 +175,12 @@ def prepare(layout: Layout, apt_install=None) -> list[str]:
     binaries = ensure_installed(apt_install)
     password = load_password(layout, create=True)
     owner = run_as()
+    mine = layout.data_marker.exists() and layout.data_marker.read_text().strip() == str(layout.data)
+    if layout.data != layout.root / "data" and layout.data.exists() and not mine:
+        shutil.rmtree(layout.data.parent)  # an older stack's, at this stack dir's path: its password is gone
     if not (layout.data / "PG_VERSION").exists():
         _initdb(layout, binaries, password, owner)
+        layout.data_marker.write_text(f"{layout.data}\n")
     settings = {**SERVER_SETTINGS, "port": str(port())}
     auto = layout.data / "postgresql.auto.conf"  # later lines win over postgresql.conf; rewritten every start
     auto.write_text("# written by `ingest stack up --postgres` on every start\n"
@@ -172,6 +192,10 @@ def prepare(layout: Layout, apt_install=None) -> list[str]:
 
 
 def _initdb(layout: Layout, binaries: Path, password: str, owner: str | None) -> None:
+    if layout.data.is_relative_to(OUTSIDE_DATA_ROOT):
+        for parent in (OUTSIDE_DATA_ROOT, layout.data.parent):
+            parent.mkdir(parents=True, exist_ok=True)
+            parent.chmod(0o755)  # the server's user passes through; the data dir itself is 0700
     layout.data.mkdir(parents=True, exist_ok=True)
     layout.data.chmod(0o700)
     uid = gid = None
@@ -184,7 +208,8 @@ def _initdb(layout: Layout, binaries: Path, password: str, owner: str | None) ->
         uid, gid = info.pw_uid, info.pw_gid
         os.chown(layout.data, uid, gid)
         _check_traversable(layout.data, owner, uid)
-    with tempfile.NamedTemporaryFile("w", dir=layout.root, prefix=".pw-", delete=False) as fh:
+    # beside the data directory: initdb, running as the server's user, must be able to read it
+    with tempfile.NamedTemporaryFile("w", dir=layout.data.parent, prefix=".pw-", delete=False) as fh:
         fh.write(password + "\n")
         pwfile = Path(fh.name)
     try:
@@ -203,6 +228,21 @@ def _initdb(layout: Layout, binaries: Path, password: str, owner: str | None) ->
     (layout.data / "pg_hba.conf").write_text("host all all 127.0.0.1/32 scram-sha-256\n")
     if uid is not None:
         os.chown(layout.data / "pg_hba.conf", uid, gid)
+
+
+def _reachable(path: Path, owner: str) -> bool:
+    """Whether `owner` can pass through every existing parent of `path` (owns it, or others may search it)."""
+    try:
+        uid = pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        return True  # no such user yet: _initdb says what to install
+    for parent in path.parents:
+        if not parent.exists():
+            continue
+        st = parent.stat()
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            return False
+    return True
 
 
 def _check_traversable(path: Path, owner: str, uid: int) -> None:
