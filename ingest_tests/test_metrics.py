@@ -141,10 +141,10 @@ def test_ledger_totals_are_incremental_and_survive_compaction_and_restarts(tmp_p
     old_schema = {k: v for k, v in LEDGER_SCHEMA.items() if k != "started_at"}
     write_deltalake(uri, pl.DataFrame(old_rows, schema=old_schema).to_arrow())
     ledger = Ledger(uri, "p")
-    ledger.append(_live("b1", [(0, 10, 19)], 10, 0, 0.3, at), target_version=2)
+    ledger.append(_live("b1", [(0, 10, 19)], 10, 0, 0.3, at))
     # p0 15 offsets skipped (a retention gap under on_gap: skip), then a batch rebuilt after a crash (rows unknown)
-    ledger.append(_live("b2", [(0, 35, 39), (1, 5, 9)], 9, 1, 4.0, at), target_version=3)
-    ledger.append(_live("b3", [(1, 10, 11)], None, None, None, at), target_version=4)
+    ledger.append(_live("b2", [(0, 35, 39), (1, 5, 9)], 9, 1, 4.0, at))
+    ledger.append(_live("b3", [(1, 10, 11)], None, None, None, at))
     ledger.append(_replay("b1", [(0, 10, 19)], "gen-1", "committed", 8, 2, at))
     ledger.append(_replay("b2", [(0, 35, 39), (1, 5, 9)], "gen-1", "not replayed: gone", 0, 0, at))
 
@@ -173,7 +173,7 @@ def test_ledger_totals_are_incremental_and_survive_compaction_and_restarts(tmp_p
     restarted = metrics.LedgerReader(Ledger(uri, "p")).totals()
     assert restarted == first
 
-    Ledger(uri, "p").append(_live("b4", [(0, 40, 49)], 10, 0, 0.02, at), target_version=5)
+    Ledger(uri, "p").append(_live("b4", [(0, 40, 49)], 10, 0, 0.02, at))
     grown = reader.totals()
     assert reader.files_read == files + 2  # just the new batch's file
     assert grown.batches == 5 and grown.rows_written == first.rows_written + 10

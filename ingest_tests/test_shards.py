@@ -183,7 +183,7 @@ def test_ingest_run_runs_every_shard_as_its_own_run_and_replay_covers_them(lake,
     (tmp_path / "dh").mkdir()
     dg.DagsterInstance.from_config(str(tmp_path / "dh")).dispose()  # create its SQLite storage once
     wrong = ingest_cli(["run", spec.name, "--shard", "2"], env)
-    assert wrong.returncode == 2 and "shard 2 does not exist" in wrong.stdout
+    assert wrong.returncode == 2 and "shard 2 does not exist" in wrong.stderr  # errors go to stderr
     done = ingest_cli(["run", spec.name], env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"[shard 0] {spec.name} shard 0: run" in done.stdout and f"[shard 1] {spec.name} shard 1: run" in done.stdout

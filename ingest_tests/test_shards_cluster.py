@@ -24,7 +24,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from confluent_kafka import Consumer, Producer, TopicCollection, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions
 
 from ingest_defs.assets.ingestion import target_key
@@ -32,6 +32,7 @@ from ingest_defs.config import REPO_ROOT
 from ingest_defs.jobs.shards import lag_by_shard
 from ingest_defs.resources.brokers import source_for
 from ingest_defs.samples import make_samples
+from ingest_defs.sensors.ingestion import IN_PROGRESS
 from ingest_defs.shards import shard_job_name
 from ingest_defs.sink import DeltaTableSink
 from ingest_tests.conftest import assert_exactly_once, kafka_spec, write_pipelines_file
@@ -105,8 +106,17 @@ def _quiet_logger():
     return logger
 
 
-def describe(admin: AdminClient, topic: str):
-    return admin.describe_topics(TopicCollection([topic]))[topic].result(30)
+def describe(admin: AdminClient, topic: str, timeout: float = 30.0):
+    """The topic's description; a node that has not seen a new topic's metadata yet answers
+    UNKNOWN_TOPIC_OR_PART for a moment, so that is asked again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return admin.describe_topics(TopicCollection([topic]))[topic].result(30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def group_offsets(bootstrap: str, spec, partitions: int) -> dict[int, int]:
@@ -206,6 +216,12 @@ def test_sharded_pipeline_on_the_cluster_survives_a_leader_kill_a_killed_run_and
         wait_until(caught_up, 600, "every shard's lag to reach 0")
         wait_until(lambda: group_offsets(kafka_cluster, spec, 15) == _delta_next(spec, 15), 120,
                    "the group's offsets to follow Delta")
+
+        def runs_done() -> bool:  # a run that caught up lingers a little, then records its materialization
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                return not instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS), limit=1)
+
+        wait_until(runs_done, 180, "the last runs to finish")
     finally:
         producer.stop.set()
         daemon.terminate()

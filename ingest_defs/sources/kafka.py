@@ -32,6 +32,7 @@ from ingest_defs.sources.base import (
 CONSUME_CHUNK = 10_000
 READ_STALL_SECONDS = 60.0  # a planned range that yields nothing for this long is an error, not a hang
 CONNECT_SECONDS = 15.0  # how long the first metadata request may take before the run fails
+TOPIC_READY_SECONDS = 30.0  # how long ensure_exists waits for a new topic's partitions to get leaders
 # librdkafka error codes that mean "this broker will not take us as configured": fail at once, say why.
 _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/password and sasl_mechanism)",
             KafkaError._SSL: "TLS failed (check ca_file: the CA that signed the broker's certificate)"}
@@ -385,6 +386,15 @@ class KafkaSource:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+        # On a cluster the creation returns before every node knows the topic: wait until its partitions
+        # have leaders, so what comes next (a producer, a plan) does not meet UNKNOWN_TOPIC_OR_PART.
+        deadline = time.monotonic() + TOPIC_READY_SECONDS
+        while time.monotonic() < deadline:
+            meta = admin.list_topics(self.topic, timeout=10).topics.get(self.topic)
+            if (meta is not None and meta.error is None and len(meta.partitions) >= partitions
+                    and all(p.leader >= 0 for p in meta.partitions.values())):
+                return
+            time.sleep(0.2)
 
     def close(self) -> None:
         if self._consumer is not None:
