@@ -85,12 +85,14 @@ class PartitionCounter:
     name: str  # without _total
     column: str
     help: str
+    sources: frozenset[str] | None = None  # the source kinds it means something for (None: all)
 
 
 PARTITION_COUNTERS: tuple[PartitionCounter, ...] = (
     PartitionCounter("ingest_messages", "count", "Messages read by live batches (target and quarantine rows)."),
-    # MQTT QoS 0 deliveries per batch: PartitionCounter("ingest_qos0_messages", "qos0_messages", "...") once the
-    # ledger has that column.
+    PartitionCounter("ingest_qos0_messages", "qos0_messages", "Messages live batches received at MQTT QoS 0: at "
+                     "most once (no PUBACK, no redelivery; a crash before the commit loses them).",
+                     frozenset({"mqtt"})),
 )
 
 
@@ -478,7 +480,7 @@ def build_families(specs: Sequence[PipelineSpec], snapshots: Sequence[Snapshot],
             plabels = list(partition_labels(spec, partition))
             c["ingest_gap_messages"].add_metric(plabels, totals.gap_messages)
             for pc, family in partition_counters:
-                if pc.column in led.columns:
+                if pc.column in led.columns and (pc.sources is None or spec.source.kind in pc.sources):
                     family.add_metric(plabels, totals.sums.get(pc.column, 0))
     return [*g.values(), table_rows, info, *c.values(), replay_batches, *(f for _, f in partition_counters), duration]
 

@@ -97,7 +97,11 @@ def test_an_mqtt_lag_is_absent_not_zero_and_a_failed_pipeline_keeps_its_counters
     now = datetime.now(UTC)
     figures = PipelineFigures("m", "mqtt", [PartitionFigures("m/mqtt/c", 0, None, None, 41, None)], now, 42, 0)
     totals = metrics.ledger_totals(pl.DataFrame(_live("b", [(0, 0, 5)], 5, 1, 0.5, now), schema=LEDGER_SCHEMA))
-    families = metrics.build_families([mqtt, kafka], [metrics.Snapshot(figures, totals),
+    mqtt_rows = _live("b", [(0, 0, 5)], 5, 1, 0.5, now) + _live("c", [(0, 6, 9)], 4, 0, 0.5, now)
+    for row, qos0 in zip(mqtt_rows, (2, 3), strict=True):
+        row["qos0_messages"] = qos0
+    mqtt_totals = metrics.ledger_totals(pl.DataFrame(mqtt_rows, schema=LEDGER_SCHEMA))
+    families = metrics.build_families([mqtt, kafka], [metrics.Snapshot(figures, mqtt_totals),
                                                       metrics.Snapshot(None, totals, ["broker or tables: refused"])], now)
     samples = {(smp.name, frozenset(smp.labels.items())): smp.value for f in families for smp in f.samples}
     assert value(samples, "ingest_delta_position_offset", pipeline="m", source="mqtt", partition="0") == 41
@@ -107,6 +111,9 @@ def test_an_mqtt_lag_is_absent_not_zero_and_a_failed_pipeline_keeps_its_counters
     assert value(samples, "ingest_pipeline_up", pipeline=kafka.name, source="kafka") == 0
     assert not [k for k in samples if k[0] == "ingest_table_rows" and ("pipeline", kafka.name) in k[1]]
     assert value(samples, "ingest_rows_written_total", pipeline=kafka.name, source="kafka") == 5
+    # QoS 0 deliveries (at most once) are counted for MQTT only
+    assert value(samples, "ingest_qos0_messages_total", pipeline="m", source="mqtt", partition="0") == 5
+    assert not [k for k in samples if k[0] == "ingest_qos0_messages_total" and ("pipeline", kafka.name) in k[1]]
 
 
 # ---------------------------------------------------------------------------- ledger totals on a real ledger
