@@ -97,7 +97,10 @@ def test_three_shards_commit_concurrently_while_messages_and_partitions_arrive(l
 
     def send(n: int, partitions: int, seed: int, start: int) -> None:
         producer = Producer({"bootstrap.servers": BOOTSTRAP, "acks": "all", "enable.idempotence": True, "linger.ms": 5})
-        producer.list_topics(spec.source.kafka.topic, timeout=10)  # its metadata knows every partition
+        deadline = time.monotonic() + 30  # until its metadata knows every partition (new ones take a moment)
+        while (len(producer.list_topics(spec.source.kafka.topic, timeout=10).topics[spec.source.kafka.topic]
+                   .partitions) < partitions and time.monotonic() < deadline):
+            time.sleep(0.2)
         samples = make_samples(spec, n, bad_fraction=0.02, seed=seed, start_id=start)
         for i, payload in enumerate(samples.payloads):
             producer.produce(spec.source.kafka.topic, value=payload, partition=i % partitions,
