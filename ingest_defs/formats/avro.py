@@ -40,7 +40,7 @@ import fastavro
 import polars as pl
 
 from ingest_defs.decode import ROW
-from ingest_defs.formats.confluent import HEADER, Parsed, Unsupported, conform
+from ingest_defs.formats.confluent import HEADER, Parsed, Unsupported, conform, zigzag_varint
 from ingest_defs.formats.registry import RegisteredSchema, Registry
 
 SMALL_SPAN = 32
@@ -139,7 +139,7 @@ def _read_block(bodies: pl.Series, writer: Parsed) -> pl.DataFrame | None:
     avro: AvroSchema = writer.native
     sizes = bodies.bin.size()
     data = _contiguous(bodies)
-    container = b"".join((avro.header, _zigzag(len(bodies)), _zigzag(len(data)), data, SYNC))
+    container = b"".join((avro.header, zigzag_varint(len(bodies)), zigzag_varint(len(data)), data, SYNC))
     try:
         with _panic_output_kept_off_stderr():
             frame = pl.read_avro(io.BytesIO(container))
@@ -354,17 +354,7 @@ def _raw_integer(expr: pl.Expr, logical: str | None) -> pl.Expr:
 
 
 def _varint_len(n: int) -> int:
-    return len(_zigzag(n))
-
-
-def _zigzag(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return len(zigzag_varint(n))
 
 
 # ------------------------------------------------------------ landing types

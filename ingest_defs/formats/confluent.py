@@ -373,3 +373,14 @@ def local_schema(spec: PipelineSpec) -> Parsed:
     """The pipeline's `schema_file`, parsed as the registry would hand it out (id 0, no references)."""
     text = Path(spec.registry.schema_file or "").read_text()
     return codec_for(spec.format, spec).parse(RegisteredSchema(0, SCHEMA_TYPES[spec.format], text), None)  # type: ignore[arg-type]
+
+
+def zigzag_varint(n: int) -> bytes:
+    """A signed integer as a zigzag varint: Avro's longs and the Confluent Protobuf framing's message indexes."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)

@@ -46,7 +46,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from ingest_defs.decode import ROW
-from ingest_defs.formats.confluent import HEADER, Parsed, Unsupported, conform
+from ingest_defs.formats.confluent import HEADER, Parsed, Unsupported, conform, zigzag_varint
 from ingest_defs.formats.registry import RegisteredSchema, Registry
 
 F = FieldDescriptor
@@ -226,17 +226,7 @@ def message_index_bytes(proto: ProtoSchema, message: Descriptor) -> bytes:
     path.reverse()
     if path == [0]:
         return b"\x00"
-    return b"".join(_zigzag(v) for v in [len(path), *path])
-
-
-def _zigzag(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return b"".join(zigzag_varint(v) for v in [len(path), *path])
 
 
 # ------------------------------------------------------------ schema text → descriptors
