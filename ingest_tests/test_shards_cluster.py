@@ -106,17 +106,28 @@ def _quiet_logger():
     return logger
 
 
-def describe(admin: AdminClient, topic: str, timeout: float = 30.0):
-    """The topic's description; a node that has not seen a new topic's metadata yet answers
-    UNKNOWN_TOPIC_OR_PART for a moment, so that is asked again."""
+def _asked_until_known(ask, timeout: float = 30.0):
+    """ask()'s answer; a node that has not seen a new topic's metadata yet answers
+    UNKNOWN_TOPIC_OR_PART for a moment (to any admin request), so that is asked again."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return admin.describe_topics(TopicCollection([topic]))[topic].result(30)
+            return ask()
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def describe(admin: AdminClient, topic: str, timeout: float = 30.0):
+    """The topic's description."""
+    return _asked_until_known(lambda: admin.describe_topics(TopicCollection([topic]))[topic].result(30), timeout)
+
+
+def topic_config(admin: AdminClient, topic: str, timeout: float = 30.0) -> dict:
+    """The topic's configuration entries by name."""
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    return _asked_until_known(lambda: next(iter(admin.describe_configs([resource]).values())).result(30), timeout)
 
 
 def group_offsets(bootstrap: str, spec, partitions: int) -> dict[int, int]:
@@ -153,8 +164,7 @@ def test_sharded_pipeline_on_the_cluster_survives_a_leader_kill_a_killed_run_and
     admin = AdminClient({"bootstrap.servers": kafka_cluster, "logger": _quiet_logger()})
     topic = spec.source.kafka.topic
     assert {len(p.replicas) for p in describe(admin, topic).partitions} == {3}  # the cluster's default RF
-    config = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)])
-    assert next(iter(config.values())).result(30)["min.insync.replicas"].value == "2"
+    assert topic_config(admin, topic)["min.insync.replicas"].value == "2"
 
     home = tmp_path / "dagster_home"
     home.mkdir()
