@@ -310,7 +310,8 @@ class BatchSpec(_Strict):
     max_run_seconds: float = Field(default=300.0, gt=0)
     # Once caught up, a run keeps polling the broker until no message came for this long (or the budget is
     # spent): seconds of freshness instead of a sensor tick plus a run start-up, for a pool slot held longer.
-    linger_seconds: float = Field(default=0.0, ge=0)
+    # Unset: 60 s for runs a sensor requests, none for `ingest run`, schedules, UI launches and backfills.
+    linger_seconds: float | None = Field(default=None, ge=0)
 
 
 def _cron(value: str) -> str:
@@ -857,6 +858,40 @@ def load_pipelines(path: Path | str | None = None) -> dict[str, PipelineSpec]:
     errors += _check_unique_tables(specs, file)
     raise_all(errors)
     return specs
+
+
+class PipelineFileWatch:
+    """Whether the pipelines file says something else about one pipeline than when the run started: a
+    lingering run then ends, so that the next run (the sensor asks for it) applies the new settings.
+    Watches only a pipeline that came from the file unchanged (not one a test or a script built)."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec, self.file = spec, pipelines_file()
+        self.mtime = self._mtime()
+        self.watching = self.mtime is not None and self._current() == spec
+
+    def _mtime(self) -> int | None:
+        try:
+            return self.file.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _current(self) -> PipelineSpec | None | bool:
+        """The file's spec of the pipeline, None when it is gone, False when the file does not load (mid-edit)."""
+        try:
+            return load_pipelines(self.file).get(self.spec.name)
+        except (ConfigError, OSError, ValueError):
+            return False
+
+    def changed(self) -> bool:
+        if not self.watching:
+            return False
+        mtime = self._mtime()
+        if mtime == self.mtime:
+            return False  # a stat per poll; the file is read again only when it was written
+        self.mtime = mtime
+        current = self._current()
+        return current is not False and current != self.spec
 
 
 def dump_pipelines(specs: list[PipelineSpec]) -> str:

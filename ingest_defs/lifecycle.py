@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 from ulid import ULID
 
-from ingest_defs.config import PipelineSpec
+from ingest_defs.config import PipelineFileWatch, PipelineSpec
 from ingest_defs.decode import QUARANTINE_SCHEMA, ROW, standard_columns
 from ingest_defs.faults import fault_point
 from ingest_defs.formats import Format, format_for
@@ -36,6 +36,14 @@ logger = logging.getLogger("ingest.batch")
 
 
 LINGER_POLL_SECONDS = 0.25  # how often a lingering run asks the broker for new messages
+# `batch.linger_seconds` unset: runs a sensor requests linger this long (a run start costs seconds, a sensor
+# tick more), runs started by hand, by `ingest run`, a schedule or a backfill drain and end.
+SENSOR_LINGER_SECONDS = 60.0
+# A caught-up lingering run outlives `max_run_seconds` (each hand-over to a new run costs a run start in every
+# waiting message's latency) unless another run of the pipeline waits for its slot; after this long it hands
+# over anyway, so one run's log stays a size the UI shows well.
+LINGERING_RUN_SECONDS = 3600.0
+WAITING_CHECK_SECONDS = 5.0  # how often a lingering run asks whether another run waits for its slot
 
 
 class GapError(RuntimeError):
@@ -92,6 +100,9 @@ class BatchContext:
     partition_key: str | None = None  # the run's partition (None: the partition of each batch's plan time)
     log_warning: Callable[[str], None] | None = None
     shard: str | None = None  # `i/N` when the run serves one shard of a sharded pipeline (the source is restricted)
+    # Whether another run of the pipeline (a backfill, a launch from the UI) waits for this run's pool slot:
+    # a lingering run then ends at once instead of at `linger_seconds` or its budget.
+    others_waiting: Callable[[], bool] | None = None
 
     def info(self, message: str, batch: BatchResult | None = None) -> None:
         logger.info(message, extra={"batch": batch} if batch is not None else None)  # the CLI's progress reads it
@@ -122,6 +133,14 @@ class BatchRunner:
         if self._format is None:
             self._format = format_for(self.spec)
         return self._format
+
+    @property
+    def linger_seconds(self) -> float:
+        """`batch.linger_seconds`, or when unset SENSOR_LINGER_SECONDS for a run a sensor requested, else 0."""
+        configured = self.spec.batch.linger_seconds
+        if configured is not None:
+            return configured
+        return SENSOR_LINGER_SECONDS if self.ctx.trigger == "sensor" else 0.0
 
     def identity(self) -> dict[str, str]:
         if self._identity is None:
@@ -178,18 +197,46 @@ class BatchRunner:
         budget = self.spec.batch.max_run_seconds if max_seconds is None else max_seconds
         started = time.monotonic()
         # Linger: once caught up, keep polling for new messages this long (an explicit batch count does not).
-        linger = self.spec.batch.linger_seconds if not max_batches else 0.0
+        linger = self.linger_seconds if not max_batches else 0.0
         last_data = started
+        # Caught up and lingering, a batch starts at most once per max_wait_seconds (unless a full bounded one
+        # waits): steady or sparse traffic makes a commit per max_wait_seconds, not one per poll or per gap.
+        pace = self.spec.batch.max_wait_seconds if linger else 0.0
+        caught_up, last_read_at = False, 0.0
+        watch = PipelineFileWatch(self.spec) if linger else None  # new settings end a lingering run
+
+        asked_at = [0.0]
+
+        def hand_over() -> bool:
+            """A caught-up lingering run ends for new settings or a run waiting for its slot (checked every 5 s)."""
+            if watch is not None and watch.changed():
+                self.ctx.info(f"{self.spec.name}: the pipelines file changed this pipeline's settings; this run "
+                              "ends here and the next one applies them")
+                return True
+            now = time.monotonic()
+            if self.ctx.others_waiting is None or now - asked_at[0] < WAITING_CHECK_SECONDS:
+                return False
+            asked_at[0] = now
+            if self.ctx.others_waiting():
+                self.ctx.info(f"{self.spec.name}: another run of this pipeline is waiting; this run ends here")
+                return True
+            return False
+
+        def spent() -> bool:
+            """The run's time is up: `max_run_seconds` while catching up, LINGERING_RUN_SECONDS once caught up."""
+            limit = max(budget, LINGERING_RUN_SECONDS) if linger and caught_up and max_seconds is None else budget
+            return time.monotonic() - started >= limit
 
         def lingering() -> bool:
-            now = time.monotonic()
-            return bool(linger) and now - last_data < linger and now - started < budget
+            return bool(linger) and time.monotonic() - last_data < linger and not spent()
         results: list[BatchResult] = []
         inflight: tuple[BatchResult, RawBatch, Future[BatchResult]] | None = None
         known: dict[str, int | None] = {}  # versions as they will be once the in-flight batch commits
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{self.spec.name}") as writer:
             try:
                 while True:
+                    if caught_up and linger and hand_over():
+                        break
                     if inflight is None:
                         plan = self.plan(requested if not results else None)
                         if plan.empty and requested is not None and not results:
@@ -202,6 +249,7 @@ class BatchRunner:
                         plan = self.source.plan(known.get, self.spec.batch.max_messages)
                     self.handle_gaps(plan)
                     if plan.empty:
+                        caught_up = True
                         if inflight is not None and linger:
                             self._finish(*inflight, results)  # commit it, then poll from where Delta stands
                             inflight = None
@@ -210,6 +258,16 @@ class BatchRunner:
                             time.sleep(LINGER_POLL_SECONDS)
                             continue
                         break
+                    too_soon = last_read_at + pace - time.monotonic()
+                    if caught_up and too_soon > 0 and (not plan.bounded or plan.total < self.spec.batch.max_messages):
+                        if inflight is not None:  # commit what was read while waiting for more
+                            self._finish(*inflight, results)
+                            inflight = None
+                        time.sleep(min(too_soon, WAITING_CHECK_SECONDS))  # then hand_over() is asked again
+                        if spent():
+                            break
+                        continue
+                    last_read_at = time.monotonic()
                     result, raw = self._read(plan)
                     if len(raw):
                         last_data = time.monotonic()
@@ -228,15 +286,19 @@ class BatchRunner:
                             break  # unbounded sources: nothing more right now, or re-plan in a later run
                         if last.ended_by == "idle" and not linger:
                             break  # caught up (idle_ms without a message): as a bounded plan with no lag left
+                        # keeping up with live traffic (a batch cut by idle_ms or max_wait), not draining a backlog
+                        caught_up = last.ended_by not in ("max_messages", "max_bytes")
                         if last.messages == 0:
                             results.pop()  # an empty poll while lingering: not a batch worth reporting
                     done = len(results) + (inflight is not None)
                     if max_batches and done >= max_batches:
                         break
-                    if time.monotonic() - started >= budget:
+                    if spent():
                         break
-                    if plan.bounded and result.lag_after == 0 and not linger:
-                        break
+                    if plan.bounded and result.lag_after == 0:
+                        if not linger:
+                            break
+                        caught_up = True
             finally:
                 if inflight is not None:
                     self._finish(*inflight, results)
@@ -291,7 +353,7 @@ class BatchRunner:
             fault_point("after_ack")
         result.duration_s = time.monotonic() - result.started_monotonic
         results.append(result)
-        if result.messages or not self.spec.batch.linger_seconds:  # lingering polls would log every 0.5 s
+        if result.messages or not self.linger_seconds:  # lingering polls would log every 0.5 s
             self.ctx.info(result.summary(self.spec.name), result)
         if result.target_version is not None:
             for warning in raw.warnings:

@@ -133,7 +133,7 @@ def test_sensor_requests_nothing_without_lag_and_one_run_per_range(lake, instanc
     from ingest_defs.factory import build_definitions
     from ingest_defs.resources.brokers import resources_from_env
 
-    spec = kafka_spec(partitions=2)
+    spec = kafka_spec(partitions=2, batch={"linger_seconds": 0})  # a sensor's run lingers 60 s once caught up; not this test's subject
     defs = build_definitions({spec.name: spec})
     sensor = defs.resolve_sensor_def(f"{spec.name}_sensor")
     resources = resources_from_env()

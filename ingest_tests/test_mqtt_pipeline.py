@@ -251,7 +251,7 @@ def test_sensor_registers_the_session_and_asks_for_runs_only_when_messages_wait(
     from ingest_defs.factory import build_definitions
     from ingest_defs.resources.brokers import resources_from_env
 
-    spec = mqtt_spec(max_messages=300)
+    spec = mqtt_spec(batch={"max_messages": 300, "idle_ms": 300, "linger_seconds": 0})  # a sensor's run lingers 60 s once caught up; not this test's subject
     sessions.append(spec)
     sensor = build_definitions({spec.name: spec}).resolve_sensor_def(f"{spec.name}_sensor")
     resources = resources_from_env()

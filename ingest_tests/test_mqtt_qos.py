@@ -332,7 +332,7 @@ def test_a_pipeline_with_probe_off_gets_a_run_per_tick_without_the_sensor_taking
     from ingest_defs.factory import build_definitions
     from ingest_defs.resources.brokers import resources_from_env
 
-    spec = mqtt_spec(max_messages=400)
+    spec = mqtt_spec(batch={"max_messages": 400, "idle_ms": 300, "linger_seconds": 0})  # a sensor's run lingers 60 s once caught up; not this test's subject
     spec = spec.model_copy(update={"source": spec.source.model_copy(update={
         "mqtt": spec.source.mqtt.model_copy(update={"probe": False})})})
     sensor = build_definitions({spec.name: spec}).resolve_sensor_def(f"{spec.name}_sensor")

@@ -377,7 +377,7 @@ def test_work_queue_sensor_request_runs_and_then_skips(lake, instance):
     from ingest_defs.factory import build_definitions
     from ingest_defs.resources.brokers import resources_from_env
 
-    spec = nats_spec("workqueue", batch={"max_messages": 200})
+    spec = nats_spec("workqueue", batch={"max_messages": 200, "linger_seconds": 0})  # a sensor's run lingers 60 s once caught up; not this test's subject
     sensor = build_definitions({spec.name: spec}).resolve_sensor_def(f"{spec.name}_sensor")
     resources = resources_from_env()
     ensure_exists(spec)

@@ -140,7 +140,7 @@ def test_three_shards_commit_concurrently_while_messages_and_partitions_arrive(l
 
 
 def test_the_sensor_asks_one_run_per_shard_and_each_run_reports_its_shard(lake, instance):
-    spec = kafka_spec(partitions=6, shards=3, batch={"max_messages": 500})
+    spec = kafka_spec(partitions=6, shards=3, batch={"max_messages": 500, "linger_seconds": 0})  # a sensor's run lingers 60 s once caught up; not this test's subject
     samples = make_samples(spec, 900, bad_fraction=0.05, seed=154)
     produced = produce(spec, samples.payloads, samples.keys)
     defs = build_definitions({spec.name: spec})

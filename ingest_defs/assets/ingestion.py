@@ -51,6 +51,17 @@ class IngestConfig(dg.Config):
     mode: str = "auto"
 
 
+def others_waiting(context: dg.OpExecutionContext, job: str, asset: dg.AssetKey | None = None):
+    """A check for a lingering run: is another run of the same job (or one materializing `asset`: a
+    backfill) queued, i.e. waiting for this run's pool slot?"""
+    def check() -> bool:
+        queued = context.instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]), limit=100)
+        return any(r.run_id != context.run.run_id
+                   and (r.job_name == job or (asset is not None and asset in (r.asset_selection or ())))
+                   for r in queued)
+    return check
+
+
 def run_mode(config_mode: str, tags: dict[str, str], partition_keys: list[str], current_key: str) -> str:
     """live or replay, for a run of an ingestion job (see IngestConfig.mode)."""
     if config_mode in ("live", "replay"):
@@ -176,7 +187,8 @@ def build_ingestion_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         runner = BatchRunner(
             spec, source, target, quarantine,
             BatchContext(run_id=context.run.run_id, trigger=config.trigger, mode="live", log=context.log.info,
-                         partition_key=keys[0] if keys else None, log_warning=context.log.warning),
+                         partition_key=keys[0] if keys else None, log_warning=context.log.warning,
+                         others_waiting=others_waiting(context, job_name(spec), tkey)),
             ledger=ledger,
         )
         requested = [PartitionRange(r.app_id, r.partition, r.start, r.end) for r in config.ranges] or None

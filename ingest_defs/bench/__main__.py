@@ -101,19 +101,19 @@ def freshness(quick: bool) -> list[dict[str, Any]]:
     from ingest_defs.bench.freshness import bench_freshness
     from ingest_defs.bench.traffic import bursty, uniform
 
-    seconds = 30 if quick else 150
+    seconds = 45 if quick else 180
     four = ["kafka", "nats", "nats_workqueue", "mqtt"]
     steady, bursts = uniform(200), bursty(200, every=5)  # the same 200 msg/s: every 5 ms, or 1,000 every 5 s
-    rows = bench_freshness(["kafka"], seconds=seconds, shape=steady)
-    rows += bench_freshness(four, seconds=seconds, shape=steady)
+    rows = bench_freshness(four, seconds=seconds, shape=steady)
     rows += bench_freshness(four, seconds=seconds, shape=bursts)
-    rows += bench_freshness(["kafka"], seconds=seconds, shape=steady, linger=30)  # what batch.linger_seconds buys
-    table = Table("pipeline", "shape", "together", "linger s", "published", "landed", "p50 s", "p95 s", "max s",
-                  "runs", "queue+start s", "run s",
-                  title="Freshness: publish → visible in Delta (5 s sensors; target p95 ≤ 15 s)")
+    table = Table("pipeline", "shape", "together", "linger s", "published", "landed", "first msg s", "p50 s",
+                  "p95 s", "max s", "runs", "queue+start s", "run s",
+                  title="Freshness: publish → visible in Delta (5 s sensors; target p95 ≤ 15 s; "
+                        "percentiles over messages published once the first run had started)")
     for r in rows:
-        table.add_row(r["pipeline"], r["shape"], str(r["pipelines_together"]), f"{r['linger_s']:g}",
-                      f"{r['published']:,}", f"{r['landed']:,}", _fmt(r["p50_s"], ".1f"), _fmt(r["p95_s"], ".1f"),
+        table.add_row(r["pipeline"], r["shape"], str(r["pipelines_together"]), str(r["linger_s"]),
+                      f"{r['published']:,}", f"{r['landed']:,}", _fmt(r["first_message_s"], ".1f"),
+                      _fmt(r["p50_s"], ".1f"), _fmt(r["p95_s"], ".1f"),
                       _fmt(r["max_s"], ".1f"), str(r["runs"]), _fmt(r["run_queue_and_start_s_median"], ".1f"),
                       _fmt(r["run_duration_s_median"], ".1f"))
     console.print(table)

@@ -49,7 +49,7 @@ def _memory(ax: Any, rows: list[dict[str, Any]]) -> None:
 
 def _freshness(ax: Any, rows: list[dict[str, Any]]) -> None:
     labels = [f"{r['pipeline'].removeprefix('fresh_')} ({r['pipelines_together']}, {r.get('shape', 'uniform')})"
-              + (f" linger {r['linger_s']:g}s" if r.get("linger_s") else "") for r in rows]
+              + (f" linger {r['linger_s']}s" if r.get("linger_s") not in (None, "default") else "") for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["p50_s"] or 0 for r in rows], 0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], [r["p95_s"] or 0 for r in rows], 0.4, label="p95")

@@ -34,7 +34,7 @@ SCHEMA = {"columns": {"id": {"dtype": "int64", "nullable": False}, "sent_at": {"
 VENV_BIN = Path(sys.executable).parent
 
 
-def _specs(which: list[str], ts: int, lake: Path, interval: int, linger: float) -> list[Any]:
+def _specs(which: list[str], ts: int, lake: Path, interval: int, linger: float | None) -> list[Any]:
     sources = {
         "kafka": {"kafka": {"topic": f"fresh_{ts}", "partitions": 3}},
         "nats": {"nats": {"stream": f"FRESH_{ts}", "subject": f"fresh_{ts}.*"}},
@@ -45,12 +45,13 @@ def _specs(which: list[str], ts: int, lake: Path, interval: int, linger: float) 
     return [parse_pipeline(f"fresh_{kind}", {
         "source": sources[kind], "schema": SCHEMA, "table": str(lake / "bronze" / f"fresh_{kind}"),
         "trigger": {"sensor": {"interval_seconds": interval}}, "maintenance": {"enabled": False},
-        "batch": {"linger_seconds": linger}})
+        "batch": {} if linger is None else {"linger_seconds": linger}})  # None: the default
         for kind in which]
 
 
-def _publish(specs: list[Any], shape: Shape, seconds: float) -> dict[str, int]:
-    """The shape to every pipeline at once, each from a publisher thread of its own; acknowledged counts."""
+def _publish(specs: list[Any], shape: Shape, seconds: float) -> tuple[dict[str, int], float]:
+    """The shape to every pipeline at once, each from a publisher thread of its own; acknowledged counts,
+    and when publishing started."""
     threads = [Traffic(spec, shape, seconds) for spec in specs]
     with Progress() as progress:
         task = progress.add_task(f"publishing {shape.name} {shape.rate:.0f} msg/s to {len(specs)} pipeline(s)",
@@ -64,16 +65,17 @@ def _publish(specs: list[Any], shape: Shape, seconds: float) -> dict[str, int]:
     for thread in threads:
         if thread.error is not None:
             raise RuntimeError(f"publishing to {thread.spec.name} failed: {thread.error!r}") from thread.error
-    return {t.spec.name: t.acked for t in threads}
+    return {t.spec.name: t.acked for t in threads}, started
 
 
-def _latencies(spec: Any) -> list[float]:
+def _latencies(spec: Any) -> pl.DataFrame:
+    """sent_at and latency (publish → the commit that made it visible) of every row, in publish order."""
     where = table_location(spec)
     table = where.open()
     committed_at = {c["ingest.batch_id"]: c["timestamp"] / 1000 for c in table.history() if "ingest.batch_id" in c}
     rows = where.read(columns=["sent_at", "_batch_id"])
     visible = rows["_batch_id"].replace_strict(committed_at, return_dtype=pl.Float64)
-    return (visible - rows["sent_at"]).to_list()
+    return pl.DataFrame({"sent_at": rows["sent_at"], "latency": visible - rows["sent_at"]}).sort("sent_at")
 
 
 def _rows(spec: Any) -> int:
@@ -99,11 +101,15 @@ def _run_figures(home: Path, spec: Any) -> dict[str, Any]:
     durations = [r.end_time - r.start_time for r in records if r.start_time and r.end_time]
     return {"runs": len(records), "failed_runs": sum(r.dagster_run.status == dg.DagsterRunStatus.FAILURE for r in records),
             "run_queue_and_start_s_median": statistics.median(waits) if waits else None,
-            "run_duration_s_median": statistics.median(durations) if durations else None}
+            "run_duration_s_median": statistics.median(durations) if durations else None,
+            "first_run_started": min((r.start_time for r in records if r.start_time), default=None)}
 
 
 def bench_freshness(which: list[str], seconds: float = 120, shape: Shape | None = None, interval: int = 5,
-                    linger: float = 0.0) -> list[dict[str, Any]]:
+                    linger: float | None = None) -> list[dict[str, Any]]:
+    """Percentiles over the messages published once the pipeline's first run had started (the steady state:
+    a cold start, traffic after a silence longer than the linger, pays one run start); the first message's
+    latency (that cold start) is reported beside them."""
     shape = shape or uniform(50)
     ts = time.time_ns() // 1_000_000
     work = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
@@ -126,11 +132,11 @@ def bench_freshness(which: list[str], seconds: float = 120, shape: Shape | None 
                               env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         time.sleep(10)  # the daemon loads the code location and starts its sensor loop
-        sent = _publish(specs, shape, seconds)
+        sent, published_from = _publish(specs, shape, seconds)
         deadline = time.time() + 120
         while time.time() < deadline and any(_rows(s) < sent[s.name] for s in specs):
             time.sleep(1)
-        _wait_for_runs(home, deadline=time.time() + linger + 60)  # a lingering run ends on its own
+        _wait_for_runs(home, deadline=time.time() + (60 if linger is None else linger) + 60)  # lingering runs end
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
@@ -140,15 +146,20 @@ def bench_freshness(which: list[str], seconds: float = 120, shape: Shape | None 
         log.close()
     rows = []
     for spec in specs:
-        latencies = sorted(_latencies(spec)) if _rows(spec) else []
-        landed = len(latencies)
+        every = _latencies(spec) if _rows(spec) else pl.DataFrame({"sent_at": [], "latency": []})
+        runs = _run_figures(home, spec)
+        first_run = runs.pop("first_run_started") or published_from
+        steady = sorted(every.filter(pl.col("sent_at") >= first_run)["latency"].to_list())
+        landed = len(every)
         rows.append({
             "pipeline": spec.name, "pipelines_together": len(specs), "sensor_interval_s": interval,
-            "linger_s": linger, "shape": shape.name, "burst_every_s": shape.burst_every,
-            "rate_per_s": shape.rate, "published": sent[spec.name], "landed": landed,
-            "p50_s": statistics.median(latencies) if latencies else None,
-            "p95_s": latencies[int(0.95 * (landed - 1))] if latencies else None,
-            "max_s": latencies[-1] if latencies else None,
-            **_run_figures(home, spec), "work_dir": str(work),
+            "linger_s": "default" if linger is None else linger, "shape": shape.name,
+            "burst_every_s": shape.burst_every, "rate_per_s": shape.rate, "published": sent[spec.name],
+            "landed": landed, "first_run_started_after_s": first_run - published_from,
+            "first_message_s": every["latency"][0] if landed else None,
+            "p50_s": statistics.median(steady) if steady else None,
+            "p95_s": steady[int(0.95 * (len(steady) - 1))] if steady else None,
+            "max_s": steady[-1] if steady else None,
+            **runs, "work_dir": str(work),
         })
     return rows

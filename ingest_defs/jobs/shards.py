@@ -21,7 +21,7 @@ from typing import Any
 import dagster as dg
 
 from ingest_defs import faults
-from ingest_defs.assets.ingestion import IngestConfig, quarantine_key, report, target_key
+from ingest_defs.assets.ingestion import IngestConfig, others_waiting, quarantine_key, report, target_key
 from ingest_defs.config import PipelineSpec
 from ingest_defs.ledger import Ledger
 from ingest_defs.lifecycle import BatchContext, BatchRunner, GapError
@@ -81,7 +81,9 @@ def build_shard_job(spec: PipelineSpec, shard: Shard) -> dg.JobDefinition:
         runner = BatchRunner(spec, source, target, quarantine,
                              BatchContext(run_id=context.run.run_id, trigger=config.trigger, mode="live",
                                           log=context.log.info, log_warning=context.log.warning,
-                                          shard=shard.label), ledger=ledger)
+                                          shard=shard.label,
+                                          others_waiting=others_waiting(context, shard_job_name(spec, shard.index))),
+                             ledger=ledger)
         requested = [PartitionRange(r.app_id, r.partition, r.start, r.end) for r in config.ranges] or None
         everything = kafka.source_for(spec)  # all partitions: every shard's lag, for the metadata
         try:
