@@ -202,13 +202,20 @@ class BatchRunner:
         # Caught up and lingering, a batch starts at most once per max_wait_seconds (unless a full bounded one
         # waits): steady or sparse traffic makes a commit per max_wait_seconds, not one per poll or per gap.
         pace = self.spec.batch.max_wait_seconds if linger else 0.0
-        caught_up, last_read_at = False, 0.0
+        # caught_up: the last plan or batch found nothing more waiting (pacing and hand-over apply); lingered:
+        # that happened once in this run (the run is then bounded by LINGERING_RUN_SECONDS, not the budget)
+        caught_up, lingered, last_read_at = False, False, 0.0
         watch = PipelineFileWatch(self.spec) if linger else None  # new settings end a lingering run
 
         asked_at = [0.0]
 
         def hand_over() -> bool:
-            """A caught-up lingering run ends for new settings or a run waiting for its slot (checked every 5 s)."""
+            """A caught-up lingering run ends for new settings, a new partition (a run's batches all carry
+            its partition key), or a run waiting for its slot (checked every 5 s)."""
+            if self.ctx.partition_key is not None and partition_key_at(self.spec) != self.ctx.partition_key:
+                self.ctx.info(f"{self.spec.name}: partition {self.ctx.partition_key} has ended; this run ends "
+                              "here and the next one serves the new partition")
+                return True
             if watch is not None and watch.changed():
                 self.ctx.info(f"{self.spec.name}: the pipelines file changed this pipeline's settings; this run "
                               "ends here and the next one applies them")
@@ -224,7 +231,7 @@ class BatchRunner:
 
         def spent() -> bool:
             """The run's time is up: `max_run_seconds` while catching up, LINGERING_RUN_SECONDS once caught up."""
-            limit = max(budget, LINGERING_RUN_SECONDS) if linger and caught_up and max_seconds is None else budget
+            limit = max(budget, LINGERING_RUN_SECONDS) if linger and lingered and max_seconds is None else budget
             return time.monotonic() - started >= limit
 
         def lingering() -> bool:
@@ -249,10 +256,10 @@ class BatchRunner:
                         plan = self.source.plan(known.get, self.spec.batch.max_messages)
                     self.handle_gaps(plan)
                     if plan.empty:
-                        caught_up = True
+                        caught_up = lingered = True
                         if inflight is not None and linger:
-                            self._finish(*inflight, results)  # commit it, then poll from where Delta stands
-                            inflight = None
+                            item, inflight = inflight, None  # finished once, even if finishing raises
+                            self._finish(*item, results)  # commit it, then poll from where Delta stands
                             continue
                         if lingering():
                             time.sleep(LINGER_POLL_SECONDS)
@@ -261,8 +268,8 @@ class BatchRunner:
                     too_soon = last_read_at + pace - time.monotonic()
                     if caught_up and too_soon > 0 and (not plan.bounded or plan.total < self.spec.batch.max_messages):
                         if inflight is not None:  # commit what was read while waiting for more
-                            self._finish(*inflight, results)
-                            inflight = None
+                            item, inflight = inflight, None
+                            self._finish(*item, results)
                         time.sleep(min(too_soon, WAITING_CHECK_SECONDS))  # then hand_over() is asked again
                         if spent():
                             break
@@ -272,8 +279,8 @@ class BatchRunner:
                     if len(raw):
                         last_data = time.monotonic()
                     if inflight is not None:
-                        previous = self._finish(*inflight, results)
-                        inflight = None
+                        item, inflight = inflight, None
+                        previous = self._finish(*item, results)
                         if previous.skipped:
                             continue  # the read-ahead assumed a commit that did not happen: re-plan from Delta
                     if plan.bounded:
@@ -287,7 +294,8 @@ class BatchRunner:
                         if last.ended_by == "idle" and not linger:
                             break  # caught up (idle_ms without a message): as a bounded plan with no lag left
                         # keeping up with live traffic (a batch cut by idle_ms or max_wait), not draining a backlog
-                        caught_up = last.ended_by not in ("max_messages", "max_bytes")
+                        caught_up = last.ended_by in ("idle", "max_wait")
+                        lingered = lingered or caught_up
                         if last.messages == 0:
                             results.pop()  # an empty poll while lingering: not a batch worth reporting
                     done = len(results) + (inflight is not None)
@@ -295,10 +303,12 @@ class BatchRunner:
                         break
                     if spent():
                         break
-                    if plan.bounded and result.lag_after == 0:
-                        if not linger:
+                    if plan.bounded:
+                        if result.lag_after == 0 and not linger:
                             break
-                        caught_up = True
+                        # a batch cut by max_bytes leaves lag: the next one is read at once, not paced
+                        caught_up = result.lag_after == 0
+                        lingered = lingered or caught_up
             finally:
                 if inflight is not None:
                     self._finish(*inflight, results)

@@ -171,3 +171,58 @@ def test_a_lingering_run_ends_when_another_run_of_its_pipeline_waits_for_the_slo
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any("another run of this pipeline is waiting" in m for m in messages)
     assert_exactly_once(spec, produced)
+
+
+def _runner(spec, ctx):
+    from ingest_defs.ledger import Ledger
+    from ingest_defs.lifecycle import BatchRunner
+    from ingest_defs.resources.brokers import source_for
+    from ingest_defs.sink import DeltaTableSink
+
+    return BatchRunner(spec, source_for(spec), DeltaTableSink.of(spec, "target"), DeltaTableSink.of(spec, "quarantine"),
+                       ctx, ledger=Ledger.of(spec))
+
+
+def test_a_lingering_run_ends_when_its_partition_has_ended(lake):
+    from ingest_defs.lifecycle import BatchContext
+
+    spec = kafka_spec(partitions=1, batch={"linger_seconds": 600})
+    produced = produce(spec, make_samples(spec, 40, seed=14).payloads)
+    said: list[str] = []
+    # a run of yesterday's partition (it started before midnight): its batches would all carry that key
+    runner = _runner(spec, BatchContext(trigger="sensor", partition_key="2000-01-01", log=said.append))
+    done = threading.Thread(target=runner.run)
+    done.start()
+    done.join(120)
+    runner.source.close()
+    assert not done.is_alive(), "the lingering run went on into a new partition"
+    assert any("partition 2000-01-01 has ended" in line for line in said), said
+    assert_exactly_once(spec, produced)
+
+
+def test_a_backlog_that_arrives_while_a_run_lingers_is_drained_back_to_back_not_paced(lake):
+    from ingest_defs.lifecycle import BatchContext
+    from ingest_defs.samples import Samples
+    from ingest_tests.test_nats_pipeline import ensure_exists, nats_spec
+    from ingest_tests.test_nats_pipeline import produce as produce_nats
+
+    # NATS limits: a bounded plan whose batches max_bytes cuts (~10 messages of ~100 bytes); pacing 30 s
+    spec = nats_spec("limits", batch={"linger_seconds": 4, "max_wait_seconds": 30, "max_bytes": 1024})
+    ensure_exists(spec)
+    samples = make_samples(spec, 320, seed=15)
+    produced = produce_nats(spec, Samples(payloads=samples.payloads[:10]))
+    runner = _runner(spec, BatchContext(trigger="sensor"))
+    outcome: dict[str, list] = {}
+    done = threading.Thread(target=lambda: outcome.setdefault("results", runner.run()))
+    done.start()
+    time.sleep(2)  # caught up on the first 10, lingering
+    produced |= produce_nats(spec, Samples(payloads=samples.payloads[10:]))
+    done.join(300)  # paced, its ~30 batches would take 15 minutes
+    runner.source.close()
+    assert not done.is_alive(), "a backlog cut by max_bytes was paced batch by batch"
+    assert_exactly_once(spec, produced)
+    backlog = [r for r in outcome["results"] if r.messages and r.started_at > outcome["results"][0].started_at]
+    assert len(backlog) >= 10, [r.messages for r in backlog]  # cut by max_bytes, as configured
+    # one paced interval at most before the backlog's first batch, then back to back
+    span = backlog[-1].started_at - backlog[0].started_at
+    assert span < 30, (span, [round(r.started_at - backlog[0].started_at, 1) for r in backlog])

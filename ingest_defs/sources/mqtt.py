@@ -481,6 +481,8 @@ class MqttSource:
         version = stored(self.app_id)
         start = 0 if version is None else version + 1
         self._ensure_connected(version)
+        if self._client is not None:
+            self._client.loop_misc()  # keepalive: a lingering run may plan for minutes without reading
         gaps: list[Gap] = []
         if self._session_lost:
             gaps.append(SessionLostGap(self.app_id, 0, start, start - 1, "broker lost the persistent session",
