@@ -142,6 +142,13 @@ class BatchRunner:
             return configured
         return SENSOR_LINGER_SECONDS if self.ctx.trigger == "sensor" else 0.0
 
+    @property
+    def lingering_run_seconds(self) -> float:
+        """How long a caught-up lingering run may last: LINGERING_RUN_SECONDS, or half the pipeline's
+        freshness window (`checks.freshness_minutes`) since the asset materializes when a run ends."""
+        minutes = self.spec.checks.freshness_minutes
+        return LINGERING_RUN_SECONDS if minutes is None else min(LINGERING_RUN_SECONDS, minutes * 30.0)
+
     def identity(self) -> dict[str, str]:
         if self._identity is None:
             self._identity = self.source.identity()
@@ -230,8 +237,8 @@ class BatchRunner:
             return False
 
         def spent() -> bool:
-            """The run's time is up: `max_run_seconds` while catching up, LINGERING_RUN_SECONDS once caught up."""
-            limit = max(budget, LINGERING_RUN_SECONDS) if linger and lingered and max_seconds is None else budget
+            """The run's time is up: `max_run_seconds` while catching up, lingering_run_seconds once caught up."""
+            limit = self.lingering_run_seconds if linger and lingered and max_seconds is None else budget
             return time.monotonic() - started >= limit
 
         def lingering() -> bool:

@@ -226,3 +226,13 @@ def test_a_backlog_that_arrives_while_a_run_lingers_is_drained_back_to_back_not_
     # one paced interval at most before the backlog's first batch, then back to back
     span = backlog[-1].started_at - backlog[0].started_at
     assert span < 30, (span, [round(r.started_at - backlog[0].started_at, 1) for r in backlog])
+
+
+@pytest.mark.parametrize(("freshness_minutes", "expected"), [(None, 3600.0), (5, 150.0), (1, 30.0), (600, 3600.0)])
+def test_a_lingering_run_lasts_at_most_half_the_freshness_window(freshness_minutes, expected):
+    from ingest_defs.lifecycle import BatchContext, BatchRunner
+
+    checks = {} if freshness_minutes is None else {"freshness_minutes": freshness_minutes}
+    spec = kafka_spec(partitions=1, checks=checks)
+    runner = BatchRunner(spec, None, None, None, BatchContext(trigger="sensor"))  # type: ignore[arg-type]
+    assert runner.lingering_run_seconds == expected
