@@ -214,11 +214,12 @@ class BatchRunner:
         caught_up, lingered, last_read_at = False, False, 0.0
         watch = PipelineFileWatch(self.spec) if linger else None  # new settings end a lingering run
 
-        asked_at = [0.0]
+        asked_at = 0.0  # when others_waiting() was last asked
 
         def hand_over() -> bool:
             """A caught-up lingering run ends for new settings, a new partition (a run's batches all carry
             its partition key), or a run waiting for its slot (checked every 5 s)."""
+            nonlocal asked_at
             if self.ctx.partition_key is not None and partition_key_at(self.spec) != self.ctx.partition_key:
                 self.ctx.info(f"{self.spec.name}: partition {self.ctx.partition_key} has ended; this run ends "
                               "here and the next one serves the new partition")
@@ -228,9 +229,9 @@ class BatchRunner:
                               "ends here and the next one applies them")
                 return True
             now = time.monotonic()
-            if self.ctx.others_waiting is None or now - asked_at[0] < WAITING_CHECK_SECONDS:
+            if self.ctx.others_waiting is None or now - asked_at < WAITING_CHECK_SECONDS:
                 return False
-            asked_at[0] = now
+            asked_at = now
             if self.ctx.others_waiting():
                 self.ctx.info(f"{self.spec.name}: another run of this pipeline is waiting; this run ends here")
                 return True

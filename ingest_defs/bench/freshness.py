@@ -27,6 +27,7 @@ from rich.progress import Progress
 
 from ingest_defs.bench.traffic import Shape, Traffic, uniform
 from ingest_defs.config import REPO_ROOT, dump_pipelines, parse_pipeline
+from ingest_defs.lifecycle import SENSOR_LINGER_SECONDS
 from ingest_defs.resources.brokers import source_for
 from ingest_defs.storage import table_location
 
@@ -136,7 +137,7 @@ def bench_freshness(which: list[str], seconds: float = 120, shape: Shape | None 
         deadline = time.time() + 120
         while time.time() < deadline and any(_rows(s) < sent[s.name] for s in specs):
             time.sleep(1)
-        _wait_for_runs(home, deadline=time.time() + (60 if linger is None else linger) + 60)  # lingering runs end
+        _wait_for_runs(home, deadline=time.time() + (SENSOR_LINGER_SECONDS if linger is None else linger) + 60)
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
