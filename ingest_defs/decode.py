@@ -26,7 +26,7 @@ import math
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 import polars as pl
 from polars.exceptions import PanicException
 
-from ingest_defs.sources.base import RawBatch
+from ingest_defs.sources.base import RawBatch, all_nonempty, joined_payloads
 
 ROW = "__row"  # position of the message in its RawBatch; dropped before writing
 HEADER_DTYPE = pl.List(pl.Struct({"key": pl.String, "value": pl.Binary}))
@@ -69,7 +69,7 @@ class Decoded:
     failures: dict[int, str]  # batch position → reason, for messages that could not be decoded
 
 
-def decode_payloads(payloads: list[bytes], schema: dict[str, pl.DataType], strict: bool = False) -> Decoded:
+def decode_payloads(payloads: Sequence[bytes], schema: dict[str, pl.DataType], strict: bool = False) -> Decoded:
     """Decode JSON object payloads into the payload schema's columns (plus ROW)."""
     failures: dict[int, str] = {}
     rows = _fast_path(payloads, schema, failures)
@@ -85,9 +85,9 @@ def _fast_path(payloads: list[bytes], schema: dict[str, pl.DataType],
                failures: dict[int, str]) -> pl.DataFrame | None:
     """One read of the whole batch, or None when the batch needs the isolating path."""
     n = len(payloads)
-    if not n or not all(payloads):
+    if not n or not all_nonempty(payloads):
         return None
-    joined = b"\n".join(payloads)
+    joined = joined_payloads(payloads)
     if joined.count(b"\n") != n - 1:  # a raw newline inside a message would split it
         return None
     try:
@@ -580,7 +580,7 @@ def _repeat(name: str, value: Any, n: int, dtype: pl.DataType) -> pl.Series:
 
 
 def _repeat_or_series(name: str, value: Any, n: int, dtype: pl.DataType) -> pl.Series:
-    if isinstance(value, list):
+    if not isinstance(value, int | str):  # a column (list or array), not one value for every row
         return pl.Series(name, value, dtype=dtype)
     return _repeat(name, value, n, dtype)
 

@@ -220,7 +220,7 @@ class DeltaTableSink:
         )
         if self.role == "target" and faults.requested("during_target_commit"):
             self._die_between_data_files_and_log(frame)
-        data = frame.to_arrow()
+        data = frame.to_arrow(compat_level=pl.CompatLevel.newest())  # no copy of string columns
         committing = f"committing a batch to the {self.role} table"
 
         def attempt() -> None:
@@ -315,7 +315,7 @@ class DeltaTableSink:
 
     def _check_schema_change(self, table: DeltaTable, frame: pl.DataFrame) -> None:
         existing = {f.name: f.type for f in table.schema().fields}
-        incoming = Schema.from_arrow(frame.to_arrow().schema)
+        incoming = Schema.from_arrow(frame.clear().to_arrow().schema)  # the schema only: no copy of the rows
         for field in incoming.fields:
             have = existing.get(field.name)
             if have is not None and _type_name(have) != _type_name(field.type):

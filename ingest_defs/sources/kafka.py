@@ -9,9 +9,12 @@ consume timeout); a range may end in transaction markers or aborted records, so 
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -21,6 +24,7 @@ from ingest_defs.security import kafka_secrets, kafka_security, redact
 from ingest_defs.shards import Shard
 from ingest_defs.sources.base import (
     Gap,
+    PackedPayloads,
     PartitionRange,
     PartitionState,
     Plan,
@@ -29,7 +33,7 @@ from ingest_defs.sources.base import (
     StoredVersion,
 )
 
-CONSUME_CHUNK = 10_000
+CONSUME_CHUNK = 2_000  # messages per consume(): the client makes a Message and two bytes per message
 READ_STALL_SECONDS = 60.0  # a planned range that yields nothing for this long is an error, not a hang
 CONNECT_SECONDS = 15.0  # how long the first metadata request may take before the run fails
 TOPIC_READY_SECONDS = 30.0  # how long ensure_exists waits for a new topic's partitions to get leaders
@@ -88,12 +92,10 @@ class KafkaSource:
     def app_id(self, partition: int) -> str:
         return f"{self.spec.name}/kafka/{self.topic}/{partition}"
 
-    def _consumer_for(self, max_bytes: int = 64 * 1024 * 1024, partitions: int = 1) -> Consumer:
+    def _consumer_for(self) -> Consumer:
         if self._consumer is None:
-            # Bound librdkafka's prefetch so memory follows the batch, not the backlog.
-            queued_kb = max(1024, min(65536, max_bytes // 1024 // max(1, partitions)))
             tunable = {
-                "queued.max.messages.kbytes": queued_kb,
+                **prefetch_settings(self.spec.batch.max_messages, self.spec.batch.max_bytes),
                 # A fetch long-poll holds the broker connection: the next plan's offset query and the ack's
                 # commit queue behind it (0.5 s per micro-batch at the default 500 ms). Ranges are bounded and
                 # unassigned when read, so a short wait costs nothing while draining a backlog.
@@ -212,19 +214,13 @@ class KafkaSource:
         return Plan(ranges=ranges, gaps=gaps, lag_after=lag_after)
 
     def read(self, plan: Plan, max_bytes: int) -> RawBatch:
-        consumer = self._consumer_for(max_bytes, len(plan.ranges))
+        consumer = self._consumer_for()
         by_partition = {r.partition: r for r in plan.ranges}
         assigned = [TopicPartition(self.topic, r.partition, r.start) for r in plan.ranges]
         consumer.assign(assigned)
-        payloads: list[bytes] = []
-        offsets: list[int] = []
-        partitions: list[int] = []
-        keys: list[bytes | None] = []
-        headers: list[Any] = []
-        timestamps: list[int | None] = []
+        columns = _Columns(plan.ranges[0].partition if len(plan.ranges) == 1 else None)
         covered_end = {r.partition: r.start - 1 for r in plan.ranges}
         open_parts = set(by_partition)
-        nbytes = 0
         last_progress = time.monotonic()
         try:
             while open_parts:
@@ -245,14 +241,7 @@ class KafkaSource:
                 parts = [m.partition() for m in msgs]
                 if all(o <= limits.get(p, -1) for p, o in zip(parts, offs, strict=True)) and not any(m.error() for m in msgs):
                     # Fast path, the common case: a whole chunk of data inside the open ranges.
-                    values = [m.value() or b"" for m in msgs]
-                    payloads.extend(values)
-                    offsets.extend(offs)
-                    partitions.extend(parts)
-                    keys.extend([m.key() for m in msgs])
-                    headers.extend([m.headers() for m in msgs])
-                    timestamps.extend([m.timestamp()[1] for m in msgs])
-                    nbytes += sum(map(len, values))
+                    columns.add_chunk(msgs, offs, parts)
                     for p, o in zip(parts, offs, strict=True):
                         covered_end[p] = o
                     for p in set(parts):
@@ -260,22 +249,20 @@ class KafkaSource:
                             open_parts.discard(p)
                             consumer.incremental_unassign([TopicPartition(self.topic, p)])
                 else:
-                    nbytes += self._take_one_by_one(msgs, by_partition, open_parts, covered_end, payloads, offsets,
-                                                    partitions, keys, headers, timestamps)
-                if nbytes >= max_bytes and open_parts:
+                    self._take_one_by_one(msgs, by_partition, open_parts, covered_end, columns)
+                del msgs  # the client's Message objects go per chunk: only the packed columns stay
+                if columns.nbytes >= max_bytes and open_parts:
                     open_parts.clear()  # max_bytes ends the batch early; coverage is what we saw
         finally:
             consumer.unassign()
         covered = [PartitionRange(r.app_id, r.partition, r.start, covered_end[r.partition]) for r in plan.ranges]
-        return RawBatch(payloads=payloads, offsets=offsets, partitions=partitions, streams=self.topic,
-                        keys=keys, headers=headers, timestamps_ms=timestamps, covered=covered, nbytes=nbytes)
+        return columns.batch(self.topic, covered)
 
     def _take_one_by_one(self, msgs: list[Any], by_partition: dict[int, PartitionRange], open_parts: set[int],
-                         covered_end: dict[int, int], payloads: list[bytes], offsets: list[int],
-                         partitions: list[int], keys: list[Any], headers: list[Any], timestamps: list[Any]) -> int:
-        """Slow path for a chunk holding a range end, an EOF event or an error. Returns bytes taken."""
+                         covered_end: dict[int, int], columns: _Columns) -> None:
+        """Slow path for a chunk holding a range end, an EOF event or an error."""
         consumer = self._consumer_for()
-        nbytes = 0
+        taken: list[Any] = []
         for m in msgs:
             p = m.partition()
             if p not in open_parts:
@@ -296,20 +283,12 @@ class KafkaSource:
                 open_parts.discard(p)
                 consumer.incremental_unassign([TopicPartition(self.topic, p)])
                 continue
-            value = m.value()
-            payloads.append(value if value is not None else b"")
-            offsets.append(o)
-            partitions.append(p)
-            keys.append(m.key())
-            headers.append(m.headers())
-            timestamps.append(m.timestamp()[1])
+            taken.append(m)
             covered_end[p] = o
-            if value is not None:
-                nbytes += len(value)
             if o == end:
                 open_parts.discard(p)
                 consumer.incremental_unassign([TopicPartition(self.topic, p)])
-        return nbytes
+        columns.add_chunk(taken, [m.offset() for m in taken], [m.partition() for m in taken])
 
     def acknowledge(self, batch: RawBatch) -> None:
         # The group is bookkeeping for lag tools; the Delta log stays the truth.
@@ -405,6 +384,104 @@ class KafkaSource:
         # Consumer-only settings would make producers/admin clients warn; pass connection settings only.
         return {k: v for k, v in self.client_config.items()
                 if not k.startswith(("fetch.", "queued.", "isolation.", "auto.offset", "session.", "group."))}
+
+
+def prefetch_settings(max_messages: int, max_bytes: int) -> dict[str, int]:
+    """librdkafka's read-ahead, sized from the batch so memory follows the batch, not the backlog.
+
+    Its consumer queue (one for all assigned partitions) holds about a tenth of a batch's messages, at most
+    20k (librdkafka's default of 100k queued messages cost ~35 MB above the payloads in a 100k batch), and
+    a few MB of payload (fetch responses included); that is still >100 ms of reading at 200k msg/s."""
+    prefetch_bytes = max(1 << 20, min(8 << 20, max_bytes // 8))
+    return {
+        "queued.min.messages": max(1000, min(20_000, max_messages // 10)),
+        "queued.max.messages.kbytes": prefetch_bytes // 1024,
+        "fetch.max.bytes": prefetch_bytes,
+        "max.partition.fetch.bytes": min(1 << 20, prefetch_bytes),
+    }
+
+
+class _Columns:
+    """A batch's messages as packed columns, filled one consume chunk at a time: payloads newline-joined
+    per chunk (`PackedPayloads`), offsets and timestamps as int64 arrays, keys packed into one buffer. The
+    client's Message objects (and the `bytes` it makes per value and key) live only as long as their chunk."""
+
+    def __init__(self, single: int | None) -> None:
+        self.single = single  # the plan's only partition: `_partition` is then one value for every row
+        self.payloads = PackedPayloads()
+        self.offsets = array("q")
+        self.timestamps = array("q")
+        self.partitions: list[int] = []
+        self.keys = _PackedKeys()
+        self.headers: list[Any] | None = None  # only once a message has headers
+        self.nbytes = 0
+
+    def add_chunk(self, msgs: list[Any], offsets: list[int], partitions: list[int]) -> None:
+        if not msgs:
+            return
+        values = [m.value() or b"" for m in msgs]
+        self.payloads.extend(values)
+        self.nbytes += sum(map(len, values))
+        del values
+        self.offsets.extend(offsets)
+        if self.single is None:
+            self.partitions.extend(partitions)
+        self.timestamps.extend([m.timestamp()[1] for m in msgs])
+        self.keys.extend([m.key() for m in msgs])
+        headers = [m.headers() for m in msgs]
+        if self.headers is not None:
+            self.headers.extend(headers)
+        elif any(headers):
+            self.headers = [None] * (len(self.offsets) - len(msgs)) + headers
+
+    def batch(self, topic: str, covered: list[PartitionRange]) -> RawBatch:
+        n = len(self.offsets)
+        return RawBatch(payloads=self.payloads, offsets=np.frombuffer(self.offsets, dtype=np.int64),
+                        partitions=self.single if self.single is not None else self.partitions, streams=topic,
+                        keys=self.keys.column(n), headers=self.headers,
+                        timestamps_ms=np.frombuffer(self.timestamps, dtype=np.int64), covered=covered,
+                        nbytes=self.nbytes)
+
+
+class _PackedKeys:
+    """Message keys packed into one buffer with their lengths; a pyarrow binary column at the end (polars
+    takes it without a Python object per key). Falls back to a plain list if a chunk mixes null keys."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lengths = array("q")
+        self.nulls = 0  # leading chunks without any key
+        self.mixed: list[bytes | None] | None = None
+
+    def extend(self, keys: list[bytes | None]) -> None:
+        if self.mixed is not None:
+            self.mixed.extend(keys)
+        elif not self.chunks and not any(k is not None for k in keys):
+            self.nulls += len(keys)
+        elif not self.nulls and None not in keys:
+            self.chunks.append(b"".join(keys))  # type: ignore[arg-type]
+            self.lengths.extend(map(len, keys))  # type: ignore[arg-type]
+        else:
+            self.mixed = self._as_list() + keys
+
+    def _as_list(self) -> list[bytes | None]:
+        if self.nulls:
+            return [None] * self.nulls
+        data, out, pos = b"".join(self.chunks), [], 0
+        for length in self.lengths:
+            out.append(data[pos:pos + length])
+            pos += length
+        return out
+
+    def column(self, n: int) -> Sequence[bytes | None] | None:
+        if self.mixed is not None:
+            return self.mixed
+        if not self.chunks:
+            return None  # no message had a key
+        ends = np.cumsum(np.frombuffer(self.lengths, dtype=np.int64))
+        offsets = np.concatenate(([0], ends)).astype(np.int64)
+        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n,
+                                                [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(self.chunks))])
 
 
 def _share_budget(wanted: list[tuple[int, int, int]], max_messages: int,

@@ -1,0 +1,90 @@
+"""Packed batch columns (no Python object per message) behave exactly like the lists they replace."""
+
+import json
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ingest_defs.decode import ROW, decode_payloads, standard_columns
+from ingest_defs.sources.base import PackedPayloads, PartitionRange, RawBatch, all_nonempty, joined_payloads
+from ingest_defs.sources.kafka import _PackedKeys, prefetch_settings
+
+SCHEMA = {"id": pl.Int64(), "event": pl.String()}
+
+
+def _payloads() -> list[bytes]:
+    out = [json.dumps({"id": i, "event": "click"}).encode() for i in range(50)]
+    out[7] = b""  # empty
+    out[9] = b'{"id": 9,\n "event": "x"}'  # a raw newline inside a message
+    out[11] = b"\xff not json"
+    return out
+
+
+def _packed(values: list[bytes], chunk: int = 8) -> PackedPayloads:
+    packed = PackedPayloads()
+    for i in range(0, len(values), chunk):
+        packed.extend(values[i:i + chunk])
+    return packed
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 1000])
+def test_packed_payloads_read_like_the_list(chunk: int):
+    values = _payloads()
+    packed = _packed(values, chunk)
+    assert len(packed) == len(values)
+    assert list(packed) == values
+    assert [packed[i] for i in range(len(values))] == values
+    assert packed[-1] == values[-1] and packed[3:12:2] == values[3:12:2]
+    assert joined_payloads(packed) == b"\n".join(values)
+    assert packed.nbytes == sum(map(len, values))
+    assert not all_nonempty(packed) and all_nonempty(_packed([v for v in values if v]))
+    assert list(packed) == values  # still the same after the buffers were joined into one
+    with pytest.raises(IndexError):
+        packed[len(values)]
+
+
+def test_decoding_packed_payloads_equals_decoding_the_list():
+    values = _payloads()
+    from_list, from_packed = decode_payloads(values, SCHEMA), decode_payloads(_packed(values), SCHEMA)
+    assert from_packed.failures == from_list.failures and set(from_list.failures) == {7, 11}
+    assert from_packed.rows.equals(from_list.rows)
+    clean = [v for i, v in enumerate(values) if i not in (7, 9, 11)]
+    fast = decode_payloads(_packed(clean), SCHEMA)  # the fast path reads the packed buffer as it is
+    assert fast.failures == {} and fast.rows["id"].to_list() == [json.loads(v)["id"] for v in clean]
+
+
+@pytest.mark.parametrize("chunks", [
+    [[b"k1", b"k22"], [b"", b"k4"]],  # every message keyed (an empty key is a key, not null)
+    [[None, None], [None]],  # no keys at all
+    [[b"a", None], [b"c"]],  # mixed
+    [[None], [b"b", b"c"]],  # keys start later
+])
+def test_packed_keys_give_the_same_column(chunks: list[list[bytes | None]]):
+    keys = _PackedKeys()
+    for chunk in chunks:
+        keys.extend(chunk)
+    flat = [k for chunk in chunks for k in chunk]
+    column = keys.column(len(flat))
+    if all(k is None for k in flat):
+        assert column is None
+    else:
+        assert pl.Series("_key", column, dtype=pl.Binary).to_list() == flat
+
+
+def test_standard_columns_take_packed_columns():
+    n = 5
+    raw = RawBatch(payloads=_packed([b"{}"] * n), offsets=np.arange(10, 10 + n, dtype=np.int64), partitions=3,
+                   streams="t", keys=None, headers=None, timestamps_ms=np.array([1, -1, 3, 4, 5], dtype=np.int64),
+                   covered=[PartitionRange("p/kafka/t/3", 3, 10, 14)])
+    std = standard_columns(raw, "kafka", "b", datetime.now(UTC))
+    assert std["_offset"].to_list() == list(range(10, 15)) and std["_partition"].to_list() == [3] * n
+    assert std["_timestamp"].null_count() == 1 and std[ROW].to_list() == list(range(n))
+
+
+def test_prefetch_follows_the_batch():
+    small, default = prefetch_settings(1_000, 1 << 20), prefetch_settings(100_000, 64 << 20)
+    assert small["queued.min.messages"] == 1000 and small["fetch.max.bytes"] == 1 << 20
+    assert default["queued.min.messages"] == 10_000 and default["queued.max.messages.kbytes"] == 8192
+    assert prefetch_settings(10_000_000, 1 << 40)["queued.min.messages"] == 20_000
