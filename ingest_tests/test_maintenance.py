@@ -155,6 +155,30 @@ def test_log_cleanup_and_vacuum_keep_the_offsets_and_the_rows(tmp_path: Path):
     assert config["delta.checkpointInterval"] == "10"
 
 
+def test_a_long_log_on_local_disk_is_reported_with_the_fix(tmp_path: Path, monkeypatch):
+    """delta-rs lists all of `_delta_log` on local disk per commit: maintenance counts what cleanup kept and
+    warns, naming the setting, once it is long; an expired log cleaned up ends the warning."""
+    import ingest_defs.maintenance as maintenance
+
+    uri = str(tmp_path / "t")
+    for i in range(30):
+        write_deltalake(uri, pl.DataFrame({"v": [i]}).to_arrow(), mode="append")
+    monkeypatch.setattr(maintenance, "LOG_ENTRIES_WARNING", 20)
+    settings = MaintenanceSpec(time_travel_hours=48)
+    report = maintain_table(uri, settings)
+    entries = len(list(Path(uri, "_delta_log").iterdir()))
+    assert report.log_entries == entries and entries > 30  # 30 commits are young: all kept for time travel
+    assert report.metadata()["log_entries"] == entries
+    warning = report.log_warning("orders", settings)
+    assert warning is not None and "pipeline 'orders'" in warning and f"{entries:,} entries" in warning
+    assert "maintenance.time_travel_hours=48" in warning
+
+    _age(list(Path(uri, "_delta_log").glob("*.json")), 3 * DAY)  # two days past the time-travel period
+    report = maintain_table(uri, settings)
+    assert report.log_entries is not None and report.log_entries < 20
+    assert report.log_warning("orders", settings) is None
+
+
 def test_maintenance_of_a_table_not_created_yet_is_a_no_op(tmp_path: Path):
     report = maintain_table(str(tmp_path / "nothing"), MaintenanceSpec())
     assert report.before is None

@@ -1,12 +1,15 @@
-"""Memory: peak RSS above the idle baseline of a process draining a 1M and a 5M Kafka backlog.
+"""Memory: peak RSS above the idle baseline of a process draining a backlog, per broker.
 
-The drain runs in a child process (`python -m ingest_defs.bench.memory <topic> <table> <batch>`), so
-each figure is one process's own high-water mark (VmHWM) against its RSS once imports, the broker
-connection and the table checks are done. Bounded ranges mean both backlogs give the same peak.
+Kafka and NATS (Limits stream) drain a 1M and a 5M backlog; MQTT (a persistent QoS 1 session, whose
+queue Mosquitto holds in memory) 200k and 1M, at batch 100k (MQTT 50k: at most 65,535 in flight). The drain runs in a child process
+(`python -m ingest_defs.bench.memory <pipeline json>`), so each figure is one process's own high-water mark
+(VmHWM) against its RSS once imports, the broker connection and the table checks are done. Bounded
+batches mean the backlog's size should not change the peak: both sizes are measured to show it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,9 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingest_defs.bench.common import SCHEMA, batch_runner
+from ingest_defs.bench.common import SCHEMA, batch_runner, publish_in_chunks
 from ingest_defs.bench.kafka import _produce
 from ingest_defs.config import REPO_ROOT, parse_pipeline
+
+BACKLOGS = {"kafka": (1_000_000, 5_000_000), "nats": (1_000_000, 5_000_000), "mqtt": (200_000, 1_000_000)}
+BATCHES = {"kafka": 100_000, "nats": 100_000, "mqtt": 50_000}  # MQTT: at most 65,535 messages in flight
 
 
 def _status_kb(field: str) -> int:
@@ -28,17 +34,27 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _spec(topic: str, table: str, batch: int) -> Any:
-    return parse_pipeline("bench_memory", {
-        "source": {"kafka": {"topic": topic, "partitions": 1}}, "schema": SCHEMA, "table": table,
-        "batch": {"max_messages": batch, "max_run_seconds": 3600}})
+def _pipeline(broker: str, backlog: int, batch: int) -> dict[str, Any]:
+    """The drained pipeline's settings (a fresh topic, stream or session and table each time)."""
+    ts = time.time_ns()
+    table = str(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "bronze")
+    source: dict[str, Any] = {
+        "kafka": {"kafka": {"topic": f"bench_memory_{backlog}_{ts}", "partitions": 1}},
+        "nats": {"nats": {"stream": f"BENCHMEM_{ts}", "subject": f"benchmem_{ts}.*"}},
+        "mqtt": {"mqtt": {"topics": [f"benchmem_{ts}/+"], "client_id": f"bench-memory-{ts}",
+                          "session_expiry_seconds": 3600}},
+    }[broker]
+    batch_settings: dict[str, Any] = {"max_messages": batch, "max_run_seconds": 3600}
+    if broker == "mqtt":
+        batch_settings["idle_ms"] = 300
+    return {"source": source, "schema": SCHEMA, "table": table, "batch": batch_settings}
 
 
-def drain(topic: str, table: str, batch: int) -> dict[str, Any]:
+def drain(settings: dict[str, Any]) -> dict[str, Any]:
     """In the child: drain the whole backlog in one catch-up run and report memory."""
     from ingest_defs.resources.brokers import source_for
 
-    spec = _spec(topic, table, batch)
+    spec = parse_pipeline("bench_memory", settings)
     source = source_for(spec)
     runner = batch_runner(spec, source)
     runner.identity()
@@ -47,31 +63,70 @@ def drain(topic: str, table: str, batch: int) -> dict[str, Any]:
     started = time.perf_counter()
     results = runner.run()
     seconds = time.perf_counter() - started
-    messages = sum(r.messages for r in results)
-    nbytes = sum(r.nbytes for r in results)
-    return {"baseline_mb": baseline_kb / 1024, "peak_mb": _status_kb("VmHWM") / 1024, "messages": messages,
-            "batches": len(results), "payload_bytes_per_batch_mb": nbytes / max(1, len(results)) / 2**20,
-            "seconds": seconds}
+    source.close()
+    with_data = [r for r in results if r.messages]
+    return {"baseline_mb": baseline_kb / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
+            "messages": sum(r.rows_written + r.rows_quarantined for r in results), "batches": len(with_data),
+            "payload_bytes_per_batch_mb": max(r.nbytes for r in with_data) / 2**20, "seconds": seconds}
 
 
-def bench_memory(backlogs: tuple[int, ...] = (1_000_000, 5_000_000), batch: int = 100_000) -> list[dict[str, Any]]:
+def _fill(broker: str, settings: dict[str, Any], backlog: int) -> Any:
+    """Put the backlog on the broker; returns what to clean up afterwards (or None)."""
+    from ingest_defs.resources.brokers import source_for
+
+    if broker == "kafka":
+        _produce(settings["source"]["kafka"]["topic"], backlog, 1)
+        return None
+    source = source_for(parse_pipeline("bench_memory", settings))
+    source.ensure_exists()  # a stream, or the MQTT session that queues what follows
+    publish_in_chunks(source, broker, backlog)
+    source.close()
+    return source
+
+
+def _clean_up(broker: str, settings: dict[str, Any]) -> None:
+    if broker == "nats":
+        from ingest_defs.bench.nats import _delete_streams
+
+        asyncio.run(_delete_streams(settings["source"]["nats"]["stream"]))
+    elif broker == "mqtt":
+        from ingest_defs.bench.mqtt import _BareSession
+        from ingest_defs.resources.brokers import source_for
+
+        source = source_for(parse_pipeline("bench_memory", settings))
+        mqtt = settings["source"]["mqtt"]
+        _BareSession(source.host, source.port, mqtt["client_id"], mqtt["topics"][0]).delete()
+
+
+def bench_memory(brokers: tuple[str, ...] = ("kafka", "nats", "mqtt"), scale: int = 1) -> list[dict[str, Any]]:
+    """Per broker, first a small drain (20k at batch 2k): what the first batch costs whatever its size (the
+    Polars and delta-rs thread pools, Parquet writer, Arrow buffers, the allocators' arenas); then the real
+    backlogs, reported above the baseline and above that fixed cost."""
     rows = []
-    for backlog in backlogs:
-        topic = f"bench_memory_{backlog}_{time.time_ns()}"
-        _produce(topic, backlog, 1)
-        table = str(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "bronze")
-        proc = subprocess.run([sys.executable, "-m", "ingest_defs.bench.memory", topic, table, str(batch)],
-                              cwd=REPO_ROOT, env=os.environ, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory drain of {backlog:,} failed:\n{proc.stdout}{proc.stderr}")
-        figures = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert figures["messages"] == backlog, f"drained {figures['messages']} of {backlog}"
-        above = figures["peak_mb"] - figures["baseline_mb"]
-        rows.append({"backlog": backlog, "batch": batch, **figures, "above_baseline_mb": above,
-                     "above_baseline_over_batch_bytes": above / figures["payload_bytes_per_batch_mb"],
-                     "mb_per_100k_batch": above / (batch / 100_000)})
+    for broker in brokers:
+        fixed = None
+        for backlog, batch in [(20_000, 2_000)] + [(b // scale, BATCHES[broker] // scale) for b in BACKLOGS[broker]]:
+            settings = _pipeline(broker, backlog, batch)
+            try:
+                _fill(broker, settings, backlog)
+                proc = subprocess.run([sys.executable, "-m", "ingest_defs.bench.memory", json.dumps(settings)],
+                                      cwd=REPO_ROOT, env=os.environ, capture_output=True, text=True)
+            finally:
+                _clean_up(broker, settings)
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory drain of {backlog:,} from {broker} failed:\n{proc.stdout}{proc.stderr}")
+            figures = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert figures["messages"] == backlog, f"{broker}: drained {figures['messages']} of {backlog}"
+            above = figures["peak_mb"] - figures["baseline_mb"]
+            if fixed is None:
+                fixed = above
+            rows.append({"broker": broker, "backlog": backlog, "batch": batch, **figures,
+                         "above_baseline_mb": above,
+                         "above_baseline_over_batch_bytes": above / figures["payload_bytes_per_batch_mb"],
+                         "first_batch_fixed_mb": fixed,
+                         "above_fixed_over_batch_bytes": max(0.0, above - fixed) / figures["payload_bytes_per_batch_mb"]})
     return rows
 
 
 if __name__ == "__main__":
-    print(json.dumps(drain(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+    print(json.dumps(drain(json.loads(sys.argv[1]))))

@@ -5,8 +5,12 @@ Bare reads (each timed from the subscribe call to the last message): an ordered 
 (`js.subscribe(..., ordered_consumer=True)`) and a durable push consumer with flow control and AckPolicy
 none. `bare_rate` is the fastest of them; the durable push read is the reference for the targets.
 
-A: in-run ratio, from the first broker read to the last ack (Limits stream; optionally a WorkQueue stream,
-against the same durable push read). B: the same backlog drained by `ingest run` in a fresh process.
+A work queue has a second, lower ceiling: the server deletes every acknowledged message, which a Limits
+read never pays. The acking baseline is a durable push consumer with AckPolicy explicit (a WorkQueue stream
+refuses `all`) whose callback acknowledges every message (`msg.ack()`), timed until the stream is empty.
+
+A: in-run ratio, from the first broker read to the last ack (Limits stream; a WorkQueue stream against both
+the durable push read and the acking read). B: the same backlog drained by `ingest run` in a fresh process.
 """
 
 from __future__ import annotations
@@ -82,6 +86,45 @@ async def _read(stream: str, subject: str, messages: int, mode: str) -> float:
     return messages / took
 
 
+async def _read_acking(stream: str, subject: str, messages: int) -> float:
+    """A bare durable push consumer on a WorkQueue stream acknowledging every message; msgs/s until the
+    server has deleted them all (the stream is empty)."""
+    nc = await nats.connect(NATS_URL)
+    js = nc.jetstream()
+    done = asyncio.Event()
+    state = {"seen": 0}
+
+    async def cb(msg: Any) -> None:
+        await msg.ack()
+        state["seen"] += 1
+        if state["seen"] >= messages:
+            done.set()
+
+    durable = f"bare-ack-{int(time.time() * 1000)}"
+    config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=20_000, flow_control=True,
+                                idle_heartbeat=5.0, deliver_policy=api.DeliverPolicy.ALL)
+    start = time.perf_counter()
+    sub = await js.subscribe(subject, stream=stream, durable=durable, config=config, cb=cb, manual_ack=True,
+                             flow_control=True, idle_heartbeat=5.0, **PENDING)
+    last = -1
+    while not done.is_set():
+        if state["seen"] == last or nc.is_closed:
+            await nc.close()
+            raise RuntimeError(f"bare acking read stalled at {state['seen']} of {messages}")
+        last = state["seen"]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 10)
+    await nc.flush(timeout=30)
+    while (await js.stream_info(stream)).state.messages:  # acknowledged = deleted by the server
+        await asyncio.sleep(0.01)
+    took = time.perf_counter() - start
+    await sub.unsubscribe()
+    with contextlib.suppress(Exception):  # best effort
+        await js.delete_consumer(stream, durable)
+    await nc.close()
+    return messages / took
+
+
 def _bare(stream: str, subject: str, messages: int) -> dict[str, float]:
     """Best of two reads per mode; a mode whose reads all fail (slow consumer cut off) is left out."""
     rates: dict[str, float] = {}
@@ -109,6 +152,32 @@ def _path(spec: Any, messages: int) -> tuple[float, int, float]:
     landed = sum(r.rows_written + r.rows_quarantined for r in results)
     assert landed == messages, f"landed {landed} of {messages}"
     return messages / path_seconds, len([r for r in results if r.messages]), sum(r.duration_s for r in results)
+
+
+def _bare_acking(ts: int, messages: int) -> float:
+    """Best of two acking reads, each of a WorkQueue stream of its own filled with the same messages."""
+    rates = []
+    for i in range(2):
+        stream, subject = f"BENCHWQBARE{i}_{ts}", f"benchwqbare{i}_{ts}.*"
+        spec = _spec("bench_nats_wq_bare", stream, subject, Path(tempfile.mkdtemp()) / "unused", 1000, "workqueue")
+        producer = source_for(spec)
+        try:
+            # ensure_exists makes the stream (and the pipeline's durable, removed before the read)
+            _produce(producer, stream, messages)
+            producer.close()
+            asyncio.run(_drop_consumers(stream))
+            rates.append(asyncio.run(_read_acking(stream, subject, messages)))
+        finally:
+            asyncio.run(_delete_streams(stream))
+    return max(rates)
+
+
+async def _drop_consumers(stream: str) -> None:
+    nc = await nats.connect(NATS_URL)
+    js = nc.jetstream()
+    for info in await js.consumers_info(stream):
+        await js.delete_consumer(stream, info.name)
+    await nc.close()
 
 
 async def _delete_streams(*streams: str) -> None:
@@ -153,11 +222,19 @@ def bench_nats(messages: int = 500_000, batch: int = 100_000, workqueue: bool = 
             _produce(producer, wq_stream, messages)  # ensure_exists creates the durable first
             producer.close()
             wq_rate, wq_batches, wq_read_s = _path(wq_spec, messages)
+            acking_rate = _bare_acking(ts, messages)
             rows.append({
                 "name": "nats workqueue (vs durable push)",
                 "messages": messages, "batch": batch, "batches": wq_batches,
                 "bare_rate": rates["durable"], "path_rate": wq_rate, "ratio": wq_rate / rates["durable"],
                 "target_vs_durable_push": 0.8, "batch_seconds": round(wq_read_s, 2),
+                "dagster_rate": None, "ratio_b": None,
+            })
+            rows.append({
+                "name": "nats workqueue (vs acking push)",
+                "messages": messages, "batch": batch, "batches": wq_batches,
+                "bare_rate": acking_rate, "path_rate": wq_rate, "ratio": wq_rate / acking_rate,
+                "target_vs_acking_push": 0.8, "batch_seconds": round(wq_read_s, 2),
                 "dagster_rate": None, "ratio_b": None,
             })
     finally:

@@ -26,6 +26,8 @@ def _maintenance_op(spec: PipelineSpec, role: str, uri: str, asset_key: dg.Asset
         report = maintain_table(table_location(spec, role), spec.maintenance)  # options resolved in the run
         metadata = report.metadata()
         context.log.info(f"{spec.name} {role}: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
+        if (warning := report.log_warning(spec.name, spec.maintenance)) is not None:
+            context.log.warning(warning)
         if report.before is not None and asset_key is not None:  # the ledger is not an asset: logs only
             context.log_event(dg.AssetObservation(asset_key=asset_key, metadata={
                 **metadata, "table": dg.MetadataValue.path(uri), "operation": "maintenance"}))
