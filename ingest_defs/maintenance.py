@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError
@@ -148,7 +149,8 @@ def _maintain(where: Location, settings: MaintenanceSpec, vacuum_retention_hours
 def _log_entries(where: Location) -> int | None:
     if where.remote:
         return None
-    log = Path(where.uri.removeprefix("file://")) / "_delta_log"
+    parts = urlsplit(where.uri)
+    log = Path(unquote(parts.path) if parts.scheme == "file" else where.uri) / "_delta_log"
     return sum(1 for _ in os.scandir(log)) if log.is_dir() else None
 
 

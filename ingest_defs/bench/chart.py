@@ -38,12 +38,12 @@ def _overhead(ax: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _memory(ax: Any, rows: list[dict[str, Any]]) -> None:
-    labels = [f"{r.get('broker', 'kafka')} {r['backlog'] / 1e6:g}M" for r in rows]
+    labels = [f"{r.get('broker', 'kafka')} {r['backlog'] / 1e6:g}M, batch {r['batch'] // 1000}k" for r in rows]
     ax.bar(labels, [r["baseline_mb"] for r in rows], label="idle baseline")
     ax.bar(labels, [r["above_baseline_mb"] for r in rows], bottom=[r["baseline_mb"] for r in rows],
            label="peak above baseline")
     ax.set_ylabel("MB (RSS)")
-    ax.set_title(f"Memory of a drain, batch {rows[0]['batch']:,}")
+    ax.set_title("Memory of a drain")
     ax.tick_params(axis="x", labelsize=7, rotation=20)
     ax.legend(fontsize=7)
 

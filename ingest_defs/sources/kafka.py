@@ -396,7 +396,8 @@ def prefetch_settings(max_messages: int, max_bytes: int) -> dict[str, int]:
     return {
         "queued.min.messages": max(1000, min(20_000, max_messages // 10)),
         "queued.max.messages.kbytes": prefetch_bytes // 1024,
-        "fetch.max.bytes": prefetch_bytes,
+        # not fetch.max.bytes: librdkafka raises it to message.max.bytes only when it is not set, so setting it
+        # would refuse a pipeline that allows large messages; the queue limit above caps fetches anyway
         "max.partition.fetch.bytes": min(1 << 20, prefetch_bytes),
     }
 
