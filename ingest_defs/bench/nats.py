@@ -46,6 +46,18 @@ def _produce(source: Any, stream: str, messages: int) -> None:
     publish_in_chunks(source, stream, messages)
 
 
+async def _until_done(nc: Any, done: asyncio.Event, state: dict[str, int], what: str, messages: int) -> None:
+    """Wait for `done`; a read that stops making progress (e.g. the server cut a slow consumer) fails."""
+    last = -1
+    while not done.is_set():
+        if state["seen"] == last or nc.is_closed:
+            await nc.close()
+            raise RuntimeError(f"{what} stalled at {state['seen']} of {messages}")
+        last = state["seen"]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 10)
+
+
 async def _read(stream: str, subject: str, messages: int, mode: str) -> float:
     """One bare read of the whole stream: 'ordered' or 'durable' push consumer. Returns msgs/s."""
     nc = await nats.connect(NATS_URL)
@@ -69,14 +81,7 @@ async def _read(stream: str, subject: str, messages: int, mode: str) -> float:
                                     deliver_policy=api.DeliverPolicy.ALL)
         sub = await js.subscribe(subject, stream=stream, durable=durable, config=config, cb=cb,
                                  manual_ack=True, flow_control=True, idle_heartbeat=5.0, **PENDING)
-    last = -1
-    while not done.is_set():  # a read that stops making progress (e.g. the server cut a slow consumer) fails
-        if state["seen"] == last or nc.is_closed:
-            await nc.close()
-            raise RuntimeError(f"bare {mode} read stalled at {state['seen']} of {messages}")
-        last = state["seen"]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), 10)
+    await _until_done(nc, done, state, f"bare {mode} read", messages)
     took = time.perf_counter() - start
     await sub.unsubscribe()
     if mode != "ordered":
@@ -106,14 +111,7 @@ async def _read_acking(stream: str, subject: str, messages: int) -> float:
     start = time.perf_counter()
     sub = await js.subscribe(subject, stream=stream, durable=durable, config=config, cb=cb, manual_ack=True,
                              flow_control=True, idle_heartbeat=5.0, **PENDING)
-    last = -1
-    while not done.is_set():
-        if state["seen"] == last or nc.is_closed:
-            await nc.close()
-            raise RuntimeError(f"bare acking read stalled at {state['seen']} of {messages}")
-        last = state["seen"]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), 10)
+    await _until_done(nc, done, state, "bare acking read", messages)
     await nc.flush(timeout=30)
     while (await js.stream_info(stream)).state.messages:  # acknowledged = deleted by the server
         await asyncio.sleep(0.01)
