@@ -70,18 +70,17 @@ def drain(settings: dict[str, Any]) -> dict[str, Any]:
             "payload_bytes_per_batch_mb": max(r.nbytes for r in with_data) / 2**20, "seconds": seconds}
 
 
-def _fill(broker: str, settings: dict[str, Any], backlog: int) -> Any:
-    """Put the backlog on the broker; returns what to clean up afterwards (or None)."""
+def _fill(broker: str, settings: dict[str, Any], backlog: int) -> None:
+    """Put the backlog on the broker."""
     from ingest_defs.resources.brokers import source_for
 
     if broker == "kafka":
         _produce(settings["source"]["kafka"]["topic"], backlog, 1)
-        return None
+        return
     source = source_for(parse_pipeline("bench_memory", settings))
     source.ensure_exists()  # a stream, or the MQTT session that queues what follows
     publish_in_chunks(source, broker, backlog)
     source.close()
-    return source
 
 
 def _clean_up(broker: str, settings: dict[str, Any]) -> None:

@@ -95,7 +95,7 @@ class KafkaSource:
     def _consumer_for(self) -> Consumer:
         if self._consumer is None:
             tunable = {
-                **prefetch_settings(self.spec.batch.max_messages, self.spec.batch.max_bytes),
+                **prefetch_settings(self.spec.batch.max_bytes),
                 # A fetch long-poll holds the broker connection: the next plan's offset query and the ack's
                 # commit queue behind it (0.5 s per micro-batch at the default 500 ms). Ranges are bounded and
                 # unassigned when read, so a short wait costs nothing while draining a backlog.
@@ -386,14 +386,13 @@ class KafkaSource:
                 if not k.startswith(("fetch.", "queued.", "isolation.", "auto.offset", "session.", "group."))}
 
 
-def prefetch_settings(max_messages: int, max_bytes: int) -> dict[str, int]:
+def prefetch_settings(max_bytes: int) -> dict[str, int]:
     """librdkafka's read-ahead, sized from the batch so memory follows the batch, not the backlog: its
     consumer queue holds about an eighth of a batch's bytes, 1–8 MB.
 
     Only the byte bound: a smaller `queued.min.messages` (tried: 10k and 50k, default 100k) made the client
     wait between fetches (a 1M drain took 35 s and 12.6 s instead of 11 s) for 3–7 % less peak memory, and
     `fetch.max.bytes` set explicitly would refuse a pipeline's larger `message.max.bytes`."""
-    del max_messages  # the byte bound is what memory follows
     return {"queued.max.messages.kbytes": max(1 << 20, min(8 << 20, max_bytes // 8)) // 1024}
 
 
