@@ -19,14 +19,17 @@ help:
 	@echo "make bench  - throughput vs the bare clients, per-batch overhead, memory, freshness (BENCH=\"memory --quick\" for a part)"
 	@echo "make down   - stop the brokers this stack started"
 
-# Python deps from the lock file (uv is installed from PyPI if missing).
+# Python deps from the lock file (uv is installed from PyPI if missing), compiled to bytecode once: uv leaves
+# that to the first import, which never writes it when PYTHONDONTWRITEBYTECODE is set, and then every
+# process (`ingest run`, the daemon, each run) compiles Dagster from source again (~2 s of its start-up).
 $(VENV)/.installed: pyproject.toml uv.lock
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q --root-user-action=ignore "uv==$(UV_VERSION)"
-	python3 -m uv sync --frozen
+	python3 -m uv sync --frozen --compile-bytecode
 	@touch $@
 
 # System packages (nats-server, mosquitto; apt-get when root), Kafka's jars and the schema registry (Maven Central).
 setup: $(VENV)/.installed
+	@$(PY) -m compileall -q ingest_defs >/dev/null  # this package's bytecode too (only what changed)
 	$(PY) -c "from ingest_defs.stack import manager, registry; manager.ensure_system_packages(); manager.ensure_kafka_jars(); registry.ensure_dist()"
 	$(PY) -m ingest_defs.assets.dbt parse  # dbt/target/manifest.json: the code location loads it, never parses
 

@@ -123,7 +123,7 @@ def run_shards(spec: PipelineSpec, args: argparse.Namespace) -> int:
     extra = ["--max-batches", str(args.max_batches)]
     if args.max_seconds is not None:
         extra += ["--max-seconds", str(args.max_seconds)]
-    children = [(i, subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name, "--shard", str(i),
+    children = [(i, subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name, "--shard", str(i),
                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
                 for i in range(spec.shards)]
 

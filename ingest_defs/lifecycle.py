@@ -78,7 +78,7 @@ class BatchResult:
     commit_retries: int = 0  # commit attempts lost to other writers (other shards, maintenance) and retried
 
     def summary(self, pipeline: str) -> str:
-        ranges = ", ".join(f"p{r.partition}:{r.start}..{r.end}" for r in self.covered if r.count) or "-"
+        ranges = ranges_text(self.covered)
         if self.skipped:
             return f"{pipeline} batch {self.batch_id}: skipped ({self.skipped}) ranges {ranges}"
         retried = f" | {self.commit_retries} commit retries" if self.commit_retries else ""
@@ -87,6 +87,18 @@ class BatchResult:
         return (f"{pipeline} batch {self.batch_id}: {ranges} | {self.messages} msgs → {self.rows_written} rows, "
                 f"{self.rows_quarantined} quarantined | delta v{self.target_version} | lag {self.lag_after} | "
                 f"{self.duration_s:.2f}s ({rate:,.0f} msg/s){ended}{retried}")
+
+
+SHOWN_RANGES = 4  # a wide topic's batch line names this many ranges, then counts the rest
+
+
+def ranges_text(covered: list[PartitionRange]) -> str:
+    """The ranges a batch read, for its log line: every one for a few partitions; for a wide topic the first
+    few and how many more (64 ranges made a line of 2,000 characters; the ledger keeps them all)."""
+    read = [f"p{r.partition}:{r.start}..{r.end}" for r in covered if r.count]
+    if len(read) > SHOWN_RANGES + 1:
+        return ", ".join(read[:SHOWN_RANGES]) + f", … +{len(read) - SHOWN_RANGES} partitions"
+    return ", ".join(read) or "-"
 
 
 @dataclass

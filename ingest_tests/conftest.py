@@ -193,7 +193,7 @@ def assert_gap_policy(spec: PipelineSpec, instance: dg.DagsterInstance, lost: se
 
 def ingest_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     """The `ingest` command in a child process (crash tests SIGKILL it at a fault point)."""
-    return subprocess.run([sys.executable, "-m", "ingest_defs.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "ingest_defs", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 

@@ -191,3 +191,18 @@ def test_demo_samples_draw_user_ids_from_a_pool():
     assert min(ids.values()) > 10  # several events per user in any window of the demo
     unique = make_samples(spec, 300, seed=3, start_id=1000)
     assert [json.loads(p)["id"] for p in unique.payloads] == list(range(1000, 1300))
+
+
+def test_a_wide_batch_line_names_a_few_ranges_and_counts_the_rest():
+    from ingest_defs.lifecycle import SHOWN_RANGES, ranges_text
+    from ingest_defs.sources.base import PartitionRange
+
+    def ranges(n: int) -> list[PartitionRange]:
+        return [PartitionRange(f"t/{p}", p, 10 * p, 10 * p + 9) for p in range(n)]
+
+    assert ranges_text(ranges(SHOWN_RANGES + 1)).count("..") == SHOWN_RANGES + 1  # a few: every one
+    wide = ranges_text(ranges(64))
+    assert wide.startswith("p0:0..9, p1:10..19") and wide.endswith(f"… +{64 - SHOWN_RANGES} partitions")
+    assert len(wide) < 100
+    empty = [PartitionRange("t/0", 0, 5, 4)]  # nothing read from it
+    assert ranges_text(empty) == "-"

@@ -1,5 +1,6 @@
 """The pipelines file: every mistake names the pipeline, the key and the fix."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,12 +85,36 @@ def test_shipped_file_loads():
 def test_ingest_validate_prints_the_error_and_fails(tmp_path: Path):
     bad = tmp_path / "pipelines.yaml"
     bad.write_text("pipelines:\n  p:\n    source: {kafka: {}}\n    schema: {columns: {id: {dtype: int64}}}\n    table: t\n")
-    proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "ingest_defs", "validate"], capture_output=True, text=True,
                           env={"INGEST_PIPELINES": str(bad), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "pipeline 'p'" in proc.stderr and "source.kafka.topic" in proc.stderr
-    good = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True)
+    good = subprocess.run([sys.executable, "-m", "ingest_defs", "validate"], capture_output=True, text=True)
     assert good.returncode == 0, good.stdout + good.stderr
+    assert "ok user_activity" in good.stdout  # all of it, though the command skips the interpreter's teardown
+
+
+def test_the_command_ends_after_every_exit_handler_with_its_status(tmp_path: Path):
+    """`ingest` skips Python's module teardown (a second of every command), not what libraries registered
+    to run at exit, nor its status or its last lines."""
+    script = (
+        "import atexit, sys\n"
+        "import ingest_defs.cli as cli\n"
+        "command = cli.main\n"
+        "def main(argv=None):\n"
+        "    atexit.register(lambda: print('exit handler ran', flush=True))\n"
+        "    return command(argv)\n"
+        "cli.main = main\n"
+        "sys.argv = ['ingest', 'validate']\n"
+        "from ingest_defs.__main__ import entry\n"
+        "entry()\n")
+    bad = tmp_path / "pipelines.yaml"
+    bad.write_text("pipelines:\n  p:\n    source: {kafka: {}}\n    schema: {columns: {id: {dtype: int64}}}\n    table: t\n")
+    for env, status in (({}, 0), ({"INGEST_PIPELINES": str(bad)}, 2)):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, **env})
+        assert proc.returncode == status, proc.stdout + proc.stderr
+        assert proc.stdout.rstrip().endswith("exit handler ran"), proc.stdout
 
 
 # ---------------------------------------------------------------- security settings

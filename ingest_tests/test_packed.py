@@ -84,9 +84,17 @@ def test_standard_columns_take_packed_columns():
 
 
 def test_prefetch_follows_the_batch():
-    assert prefetch_settings(1 << 20) == {"queued.max.messages.kbytes": 1024}
-    assert prefetch_settings(64 << 20) == {"queued.max.messages.kbytes": 8192}
-    assert prefetch_settings(1 << 40) == {"queued.max.messages.kbytes": 8192}
+    assert prefetch_settings(1 << 20)["queued.max.messages.kbytes"] == 1024
+    assert prefetch_settings(64 << 20)["queued.max.messages.kbytes"] == 8192
+    assert prefetch_settings(1 << 40)["queued.max.messages.kbytes"] == 8192
+
+
+def test_a_full_prefetch_queue_is_refilled_without_the_default_one_second_backoff():
+    """The small queue fills many times per batch; each time librdkafka waits `fetch.queue.backoff.ms`
+    before fetching that partition again (1 s by default: a stall per refill). It must stay far below the
+    read's consume timeout and not be left to the default."""
+    backoff = prefetch_settings(100 << 20)["fetch.queue.backoff.ms"]
+    assert 0 < backoff <= 50
 
 
 def test_prefetch_settings_accept_a_large_message_max_bytes():

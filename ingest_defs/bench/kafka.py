@@ -79,12 +79,12 @@ def bench_kafka(messages: int, partitions: int, batch: int, lake_uri: str | None
     path_seconds, results = min((_path(spec.model_copy(update={"table": join(lake, f"a{i}", "bronze")}), messages)
                                  for i in range(2)), key=lambda run: run[0])
     read_s = sum(r.duration_s for r in results)
-    dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": join(lake, "b", "bronze")}), messages)
+    via_dagster = _via_dagster_runs(spec.model_copy(update={"table": join(lake, "b", "bronze")}), messages)
     return {
         "name": f"kafka {partitions} partition(s)" + (" on S3" if lake_uri else ""),
         "messages": messages, "batch": batch, "batches": len(results),
         "bare_rate": bare, "path_rate": messages / path_seconds, "ratio": messages / path_seconds / bare,
-        "batch_seconds": round(read_s, 2), "dagster_rate": dagster_rate, "ratio_b": dagster_rate / bare,
+        "batch_seconds": round(read_s, 2), **via_dagster, "ratio_b": via_dagster["dagster_rate"] / bare,
     }
 
 
@@ -102,21 +102,38 @@ def _path(spec: Any, messages: int) -> tuple[float, list[Any]]:
     return path_seconds, results
 
 
-def _via_dagster_runs(spec, messages: int) -> float:
-    """Drain the same backlog with `ingest run` in a fresh process, as a user would (start-up included)."""
+def _via_dagster_runs(spec, messages: int) -> dict[str, float]:
+    """Drain the same backlog with `ingest run` in a fresh process, as a user would (start-up included).
+
+    Besides the rate, where the wall time went, from the pipeline's ledger: `startup_s` from the process's
+    start to the first batch's start (imports, instance, definitions, run start: before the first broker
+    read), `drain_s` from there to the last batch's commit, `exit_s` from it to the process's end."""
+    import polars as pl
+
+    from ingest_defs.ledger import Ledger
+
     work = Path(tempfile.mkdtemp(prefix="bench-dagster-"))
     pipelines = work / "pipelines.yaml"
     pipelines.write_text(dump_pipelines([spec]))
+    (work / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {**os.environ, "INGEST_PIPELINES": str(pipelines), "DAGSTER_HOME": str(work)}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "run", spec.name], env=env, cwd=REPO_ROOT,
+    started_wall, start = time.time(), time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ingest_defs", "run", spec.name], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True)
     took = time.perf_counter() - start
+    ended_wall = started_wall + took
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout + proc.stderr)
     target = DeltaTableSink.of(spec, "target")
     assert target.row_count() == messages
-    return messages / took
+    batches = Ledger.of(spec).frame(pl.col("mode") == "live").select(
+        pl.col("started_at").min().dt.epoch("ms") / 1000, pl.col("committed_at").max().dt.epoch("ms") / 1000)
+    first_start, last_commit = batches.row(0)
+    return {"dagster_rate": messages / took, "dagster_seconds": round(took, 2),
+            "dagster_startup_s": round(first_start - started_wall, 2),
+            "dagster_drain_s": round(last_commit - first_start, 2),
+            "dagster_exit_s": round(ended_wall - last_commit, 2),
+            "dagster_drain_rate": messages / (last_commit - first_start)}
 
 
 # ------------------------------------------------------------ Avro (Confluent wire format, schema registry)

@@ -203,14 +203,14 @@ def bench_nats(messages: int = 500_000, batch: int = 100_000, workqueue: bool = 
         # Best of two, like the bare reads: each into a table of its own (a Limits stream keeps everything).
         path_rate, batches, read_s = max(_path(spec.model_copy(update={"table": str(lake / f"a{i}" / "bronze")}),
                                                messages) for i in range(2))
-        dagster_rate = _via_dagster_runs(spec.model_copy(update={"table": str(lake / "b" / "bronze")}), messages)
+        via_dagster = _via_dagster_runs(spec.model_copy(update={"table": str(lake / "b" / "bronze")}), messages)
         rows.append({
             "name": "nats limits",
             "messages": messages, "batch": batch, "batches": batches,
             "bare_rate": bare, "path_rate": path_rate, "ratio": path_rate / bare,
             "bare_ordered_rate": rates.get("ordered"), "bare_durable_push_rate": rates.get("durable"),
             "ratio_vs_durable_push": path_rate / rates["durable"] if "durable" in rates else None, "target_vs_durable_push": 0.8,
-            "batch_seconds": round(read_s, 2), "dagster_rate": dagster_rate, "ratio_b": dagster_rate / bare,
+            "batch_seconds": round(read_s, 2), **via_dagster, "ratio_b": via_dagster["dagster_rate"] / bare,
         })
         if workqueue and "durable" in rates:
             wq_stream, wq_subject = f"BENCHWQ_{ts}", f"benchwq_{ts}.*"
