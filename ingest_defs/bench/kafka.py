@@ -117,6 +117,9 @@ def _via_dagster_runs(spec, messages: int) -> dict[str, float]:
     pipelines.write_text(dump_pipelines([spec]))
     (work / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {**os.environ, "INGEST_PIPELINES": str(pipelines), "DAGSTER_HOME": str(work)}
+    # The instance's storage exists, as after a user's first run: creating it is not part of any drain.
+    subprocess.run([sys.executable, "-c", "from dagster import DagsterInstance; DagsterInstance.get().dispose()"],
+                   env=env, check=True, capture_output=True)
     started_wall, start = time.time(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "ingest_defs", "run", spec.name], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True)
@@ -133,7 +136,7 @@ def _via_dagster_runs(spec, messages: int) -> dict[str, float]:
             "dagster_startup_s": round(first_start - started_wall, 2),
             "dagster_drain_s": round(last_commit - first_start, 2),
             "dagster_exit_s": round(ended_wall - last_commit, 2),
-            "dagster_drain_rate": messages / (last_commit - first_start)}
+            "dagster_drain_rate": messages / (last_commit - first_start)}  # B without start-up: rate / bare
 
 
 # ------------------------------------------------------------ Avro (Confluent wire format, schema registry)

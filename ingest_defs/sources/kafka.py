@@ -15,8 +15,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import (
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from ingest_defs.config import PipelineSpec, expand_env
 from ingest_defs.logs import LIBRDKAFKA
@@ -87,6 +95,7 @@ class KafkaSource:
         self._client_errors: list[KafkaError] = []
         self._connected = False
         self._consumer: Consumer | None = None
+        self._admin: AdminClient | None = None  # for the watermarks of all partitions in one request
 
     # ------------------------------------------------------------ helpers
     def app_id(self, partition: int) -> str:
@@ -186,17 +195,32 @@ class KafkaSource:
                 f"Create it (e.g. `ingest produce {self.spec.name} --count 0`) or fix source.kafka.topic.")
         return sorted(topic.partitions)
 
-    def _watermarks(self, partition: int) -> tuple[int, int]:
-        # Under read_committed the high watermark is the last stable offset (librdkafka#3428).
-        return _during_failover(lambda: self._consumer_for().get_watermark_offsets(
-            TopicPartition(self.topic, partition), timeout=15, cached=False))
+    def _watermarks(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
+        """(low, high) per partition from two batched ListOffsets requests (earliest, latest: one request per
+        leader each), not a round trip per partition (64 partitions: 70–140 ms per plan against 5–10 ms).
+        Under read_committed the high watermark is the last stable offset (librdkafka#3428)."""
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_config())
+        admin = self._admin
+
+        def ask() -> dict[int, tuple[int, int]]:
+            def offsets(spec: OffsetSpec) -> dict[int, int]:
+                futures = admin.list_offsets({TopicPartition(self.topic, p): spec for p in partitions},
+                                             isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=15)
+                return {tp.partition: future.result().offset for tp, future in futures.items()}
+            low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())
+            return {p: (low[p], high[p]) for p in partitions}
+
+        return _during_failover(ask) if partitions else {}
 
     # ------------------------------------------------------------ protocol
     def plan(self, stored: StoredVersion, max_messages: int) -> Plan:
         wanted: list[tuple[int, int, int]] = []  # (partition, start, available)
         gaps: list[Gap] = []
-        for partition in self._partition_ids():
-            low, high = self._watermarks(partition)
+        partitions = self._partition_ids()
+        watermarks = self._watermarks(partitions)
+        for partition in partitions:
+            low, high = watermarks[partition]
             version = stored(self.app_id(partition))
             start = low if version is None else version + 1
             if version is not None and version > high - 1:
@@ -301,8 +325,10 @@ class KafkaSource:
 
     def state(self) -> list[PartitionState]:
         out = []
-        for partition in self._partition_ids():
-            low, high = self._watermarks(partition)
+        partitions = self._partition_ids()
+        watermarks = self._watermarks(partitions)
+        for partition in partitions:
+            low, high = watermarks[partition]
             out.append(PartitionState(self.app_id(partition), partition,
                                       low if high > low else None, high - 1 if high > low else None))
         return out
@@ -379,6 +405,7 @@ class KafkaSource:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+        self._admin = None  # an AdminClient has no close(): its last reference going destroys it
 
     def _admin_config(self) -> dict[str, Any]:
         # Consumer-only settings would make producers/admin clients warn; pass connection settings only.
