@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml uv.lock
 
 # System packages (nats-server, mosquitto; apt-get when root), Kafka's jars and the schema registry (Maven Central).
 setup: $(VENV)/.installed
-	@$(PY) -m compileall -q ingest_defs >/dev/null  # this package's bytecode too (only what changed)
+	@$(PY) -m compileall -q ingest_defs  # this package's bytecode too (only what changed)
 	$(PY) -c "from ingest_defs.stack import manager, registry; manager.ensure_system_packages(); manager.ensure_kafka_jars(); registry.ensure_dist()"
 	$(PY) -m ingest_defs.assets.dbt parse  # dbt/target/manifest.json: the code location loads it, never parses
 

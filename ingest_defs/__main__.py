@@ -14,6 +14,7 @@ Runs launched by the Dagster daemon do not come through here (they run in Dagste
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 
@@ -26,12 +27,11 @@ def entry() -> None:
             return
         import logging
 
-        logging.shutdown()  # registered by logging before this handler: it would not run after it
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status[0])
+        logging.shutdown()  # in case logging was imported before this handler was registered (its own ran last)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe (`ingest status | head`)
+                stream.flush()
+        os._exit(status[0])
 
     atexit.register(end_now)
     # Hypothesis is a test tool (the dev dependency group) that Pandera imports at start-up for data

@@ -90,7 +90,7 @@ def run_on_a_terminal(args: list[str], env: dict[str, str], columns: int = 80, t
     """The command with a pseudo-terminal of `columns` columns as stdout and stderr; what it printed."""
     master, slave = pty.openpty()
     full_env = {**os.environ, **env, "COLUMNS": str(columns), "LINES": "40", "TERM": "xterm"}
-    proc = subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", *args], stdout=slave, stderr=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "ingest_defs", *args], stdout=slave, stderr=slave,
                             stdin=subprocess.DEVNULL, env=full_env, cwd=REPO_ROOT, close_fds=True)
     os.close(slave)
     out = bytearray()

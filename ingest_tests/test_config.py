@@ -260,7 +260,7 @@ def test_every_mistake_in_the_file_is_reported_at_once_with_pipeline_key_and_fix
 def test_ingest_validate_prints_every_mistake(tmp_path: Path):
     file = tmp_path / "pipelines.yaml"
     file.write_text(MANY_MISTAKES)
-    proc = subprocess.run([sys.executable, "-m", "ingest_defs.cli", "validate"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "ingest_defs", "validate"], capture_output=True, text=True,
                           env={"INGEST_PIPELINES": str(file), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

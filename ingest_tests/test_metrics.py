@@ -350,7 +350,7 @@ def test_prometheus_sees_lag_rise_when_produced_and_fall_to_zero_after_ingest_ru
     source = source_for(spec)
     source.ensure_exists()
     # The command itself, on INGEST_METRICS_PORT (Prometheus's target), answering within the 1 s scrape timeout.
-    exporter = subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "metrics", "serve", "--host", "127.0.0.1",
+    exporter = subprocess.Popen([sys.executable, "-m", "ingest_defs", "metrics", "serve", "--host", "127.0.0.1",
                                  "--timeout", "0.8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=REPO)
     sel = f'{{pipeline="{spec.name}"}}'

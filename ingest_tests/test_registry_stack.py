@@ -87,7 +87,7 @@ def test_registry_killed_mid_batch_fails_before_any_commit_and_the_rerun_lands_e
         for fmt, spec in specs.items():  # each run stalls after its broker read, before decoding
             markers[fmt] = tmp_path / f"stalled-{fmt}"
             env = cli_env(spec, lake, tmp_path, INGEST_FAULT="stall:after_read", INGEST_FAULT_FILE=str(markers[fmt]))
-            runs[fmt] = subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name], env=env,
+            runs[fmt] = subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name], env=env,
                                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for(lambda: all(m.exists() for m in markers.values()), timeout=180)
         pid = registry_pid()

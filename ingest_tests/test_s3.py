@@ -213,7 +213,7 @@ def test_two_writers_race_on_one_table_version(s3_lake, instance, tmp_path: Path
     produced = produce(spec, samples.payloads, samples.keys)
     marker = tmp_path / "stalled"
     env = cli_env(spec, tmp_path, INGEST_FAULT="stall:after_quarantine_commit", INGEST_FAULT_FILE=str(marker))
-    first = subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name],
+    first = subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name],
                              env={**os.environ, **env}, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
@@ -242,7 +242,7 @@ def test_s3_server_killed_during_target_commit_then_restarted(s3_lake, s3_server
     marker = tmp_path / "stalled"
     env = cli_env(spec, tmp_path, INGEST_FAULT="stall:during_target_commit", INGEST_FAULT_FILE=str(marker),
                   LAKE_S3_MAX_RETRIES="2", LAKE_S3_RETRY_TIMEOUT="5s", LAKE_S3_CONNECT_TIMEOUT="1s")
-    run = subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name, "--max-batches", "1"],
+    run = subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name, "--max-batches", "1"],
                            env={**os.environ, **env}, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     server = next(b for b in manager._service_brokers(True, False) if b.name == "s3")

@@ -105,8 +105,8 @@ class KafkaSource:
         if self._consumer is None:
             tunable = {
                 **prefetch_settings(self.spec.batch.max_bytes),
-                # A fetch long-poll holds the broker connection: the next plan's offset query and the ack's
-                # commit queue behind it (0.5 s per micro-batch at the default 500 ms). Ranges are bounded and
+                # A fetch long-poll holds the broker connection: the ack's offset commit queues behind it (0.5 s
+                # per micro-batch at the default 500 ms; plans ask through the admin client). Ranges are bounded and
                 # unassigned when read, so a short wait costs nothing while draining a backlog.
                 "fetch.wait.max.ms": 50,
                 "client.id": f"ingest-{self.spec.name}",
@@ -199,9 +199,7 @@ class KafkaSource:
         """(low, high) per partition from two batched ListOffsets requests (earliest, latest: one request per
         leader each), not a round trip per partition (64 partitions: 70–140 ms per plan against 5–10 ms).
         Under read_committed the high watermark is the last stable offset (librdkafka#3428)."""
-        if self._admin is None:
-            self._admin = AdminClient(self._admin_config())
-        admin = self._admin
+        admin = self._admin_for()
 
         def ask() -> dict[int, tuple[int, int]]:
             def offsets(spec: OffsetSpec) -> dict[int, int]:
@@ -211,7 +209,16 @@ class KafkaSource:
             low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())
             return {p: (low[p], high[p]) for p in partitions}
 
-        return _during_failover(ask) if partitions else {}
+        try:
+            return _during_failover(ask) if partitions else {}
+        finally:
+            admin.poll(0)  # its error and log callbacks (librdkafka queues them until polled)
+
+    def _admin_for(self) -> AdminClient:
+        """This source's admin client (topic identity, watermarks), made once."""
+        if self._admin is None:
+            self._admin = AdminClient({**self._admin_config(), "client.id": f"ingest-{self.spec.name}"})
+        return self._admin
 
     # ------------------------------------------------------------ protocol
     def plan(self, stored: StoredVersion, max_messages: int) -> Plan:
@@ -341,7 +348,7 @@ class KafkaSource:
 
     def identity(self) -> dict[str, str]:
         self._check_connection()
-        admin = AdminClient(self._admin_config())
+        admin = self._admin_for()
         future = admin.describe_topics(TopicCollection([self.topic]))[self.topic]
         try:
             description = future.result(timeout=15)
@@ -402,10 +409,12 @@ class KafkaSource:
             time.sleep(0.2)
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
-        self._admin = None  # an AdminClient has no close(): its last reference going destroys it
+        try:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+        finally:
+            self._admin = None  # its last reference going destroys the admin client
 
     def _admin_config(self) -> dict[str, Any]:
         # Consumer-only settings would make producers/admin clients warn; pass connection settings only.

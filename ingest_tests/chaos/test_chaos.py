@@ -182,7 +182,7 @@ def test_broker_restart_during_a_batch(lake, instance, tmp_path: Path, broker: s
     produce(spec, payloads, keys)
     marker = tmp_path / "stalled"
     env = cli_env(spec, lake, tmp_path, INGEST_FAULT="stall:after_read", INGEST_FAULT_FILE=str(marker))
-    run = subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name, "--max-batches", "2"],
+    run = subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name, "--max-batches", "2"],
                            env={**os.environ, **env}, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
@@ -206,7 +206,7 @@ def test_two_runs_of_one_pipeline_at_once(lake, instance, tmp_path: Path, broker
     payloads, keys = messages(500, poison_every=13)
     produce(spec, payloads, keys)
     env = {**os.environ, **cli_env(spec, lake, tmp_path)}
-    runs = [subprocess.Popen([sys.executable, "-m", "ingest_defs.cli", "run", spec.name, "--max-batches", "3"],
+    runs = [subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name, "--max-batches", "3"],
                              env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
     deadline = time.monotonic() + 300
