@@ -21,7 +21,7 @@ help:
 
 # Python deps from the lock file (uv is installed from PyPI if missing), compiled to bytecode once: uv leaves
 # that to the first import, which never writes it when PYTHONDONTWRITEBYTECODE is set, and then every
-# process (`ingest run`, the daemon, each run) compiles Dagster from source again (~2 s of its start-up).
+# process (`ingest run`, the daemon, each run) compiles Dagster from source again (~4.6 s of its start-up).
 $(VENV)/.installed: pyproject.toml uv.lock
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q --root-user-action=ignore "uv==$(UV_VERSION)"
 	python3 -m uv sync --frozen --compile-bytecode

@@ -196,9 +196,9 @@ class KafkaSource:
         return sorted(topic.partitions)
 
     def _watermarks(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
-        """(low, high) per partition from two batched ListOffsets requests (earliest, latest: one request per
-        leader each), not a round trip per partition (64 partitions: 70–140 ms per plan against 5–10 ms).
-        Under read_committed the high watermark is the last stable offset (librdkafka#3428)."""
+        """(low, high) per partition, in the order given, from two batched ListOffsets requests (earliest,
+        latest: one request per leader each), not a round trip per partition (64 partitions: 70–140 ms per plan
+        against 5–10 ms). Under read_committed the high watermark is the last stable offset (librdkafka#3428)."""
         admin = self._admin_for()
 
         def ask() -> dict[int, tuple[int, int]]:
@@ -224,10 +224,7 @@ class KafkaSource:
     def plan(self, stored: StoredVersion, max_messages: int) -> Plan:
         wanted: list[tuple[int, int, int]] = []  # (partition, start, available)
         gaps: list[Gap] = []
-        partitions = self._partition_ids()
-        watermarks = self._watermarks(partitions)
-        for partition in partitions:
-            low, high = watermarks[partition]
+        for partition, (low, high) in self._watermarks(self._partition_ids()).items():
             version = stored(self.app_id(partition))
             start = low if version is None else version + 1
             if version is not None and version > high - 1:
@@ -332,10 +329,7 @@ class KafkaSource:
 
     def state(self) -> list[PartitionState]:
         out = []
-        partitions = self._partition_ids()
-        watermarks = self._watermarks(partitions)
-        for partition in partitions:
-            low, high = watermarks[partition]
+        for partition, (low, high) in self._watermarks(self._partition_ids()).items():
             out.append(PartitionState(self.app_id(partition), partition,
                                       low if high > low else None, high - 1 if high > low else None))
         return out
