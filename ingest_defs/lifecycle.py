@@ -22,6 +22,7 @@ from typing import Any
 import polars as pl
 from ulid import ULID
 
+from ingest_defs.allocator import release_after_batch
 from ingest_defs.config import PipelineFileWatch, PipelineSpec
 from ingest_defs.decode import QUARANTINE_SCHEMA, ROW, standard_columns
 from ingest_defs.faults import fault_point
@@ -258,6 +259,15 @@ class BatchRunner:
             return bool(linger) and time.monotonic() - last_data < linger and not spent()
         results: list[BatchResult] = []
         inflight: tuple[BatchResult, RawBatch, Future[BatchResult]] | None = None
+
+        def finish_inflight() -> BatchResult:
+            """Commit and acknowledge the read-ahead batch, once even if that raises. Nothing here keeps its
+            messages afterwards: a finished batch held through the next read is a third batch in memory."""
+            nonlocal inflight
+            item, inflight = inflight, None
+            assert item is not None
+            return self._finish(*item, results)
+
         known: dict[str, int | None] = {}  # versions as they will be once the in-flight batch commits
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{self.spec.name}") as writer:
             try:
@@ -278,8 +288,7 @@ class BatchRunner:
                     if plan.empty:
                         caught_up = lingered = True
                         if inflight is not None and linger:
-                            item, inflight = inflight, None  # finished once, even if finishing raises
-                            self._finish(*item, results)  # commit it, then poll from where Delta stands
+                            finish_inflight()  # commit it, then poll from where Delta stands
                             continue
                         if lingering():
                             time.sleep(LINGER_POLL_SECONDS)
@@ -288,8 +297,7 @@ class BatchRunner:
                     too_soon = last_read_at + pace - time.monotonic()
                     if caught_up and too_soon > 0 and (not plan.bounded or plan.total < self.spec.batch.max_messages):
                         if inflight is not None:  # commit what was read while waiting for more
-                            item, inflight = inflight, None
-                            self._finish(*item, results)
+                            finish_inflight()
                         time.sleep(min(too_soon, WAITING_CHECK_SECONDS))  # then hand_over() is asked again
                         if spent():
                             break
@@ -299,8 +307,7 @@ class BatchRunner:
                     if len(raw):
                         last_data = time.monotonic()
                     if inflight is not None:
-                        item, inflight = inflight, None
-                        previous = self._finish(*item, results)
+                        previous = finish_inflight()
                         if previous.skipped:
                             continue  # the read-ahead assumed a commit that did not happen: re-plan from Delta
                     if plan.bounded:
@@ -308,6 +315,7 @@ class BatchRunner:
                         inflight = (result, raw, writer.submit(self._write, result, raw))
                     else:
                         self._finish(result, raw, None, results)
+                        del raw  # not held through the next read
                         last = results[-1]
                         if not last.safe_to_ack or (last.messages == 0 and not lingering()):
                             break  # unbounded sources: nothing more right now, or re-plan in a later run
@@ -388,6 +396,7 @@ class BatchRunner:
         if result.target_version is not None:
             for warning in raw.warnings:
                 self.ctx.warning(f"{warning} (batch {result.batch_id})")
+        release_after_batch(result.nbytes)  # the batch's frames are gone: hand their pages back
         return result
 
     # ------------------------------------------------------------ one batch

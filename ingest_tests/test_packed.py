@@ -85,7 +85,8 @@ def test_standard_columns_take_packed_columns():
 
 def test_prefetch_follows_the_batch():
     assert prefetch_settings(1 << 20)["queued.max.messages.kbytes"] == 1024
-    assert prefetch_settings(64 << 20)["queued.max.messages.kbytes"] == 8192
+    assert prefetch_settings(64 << 20)["queued.max.messages.kbytes"] == 1024  # the default batch
+    assert prefetch_settings(256 << 20)["queued.max.messages.kbytes"] == 4096
     assert prefetch_settings(1 << 40)["queued.max.messages.kbytes"] == 8192
 
 

@@ -421,14 +421,20 @@ FETCH_QUEUE_BACKOFF_MS = 10  # re-check a full prefetch queue this often (librdk
 
 def prefetch_settings(max_bytes: int) -> dict[str, int]:
     """librdkafka's read-ahead, sized from the batch so memory follows the batch, not the backlog: its
-    consumer queue holds about an eighth of a batch's bytes, 1–8 MB.
+    consumer queue holds a 64th of a batch's bytes, 1–8 MB (1 MB at the default 64 MB `max_bytes`).
+
+    What the queue holds costs ~3.5× its bytes (message structures, the fetch buffers they point into): an
+    8 MB queue kept 36–45 MB of a bare consumer's memory, 1 MB 11–16 MB, and once the refill below waits
+    10 ms a 100k read took as long with either (0.12–0.25 s; the batch path at 1, 4 and 64 partitions
+    within run-to-run noise).
 
     A queue that small fills many times per batch, and each time it is full librdkafka postpones that
     partition's next fetch by `fetch.queue.backoff.ms` — 1 s by default, which made 1M drains stall about a
     second per refill (the 1-partition path at 107k msg/s, 64 partitions at 73k; 144k and 105k with 10 ms).
-    Only the byte bound otherwise: a smaller `queued.min.messages` made the client wait between fetches, and
+    Only the byte bound otherwise: a smaller `queued.min.messages` made the client wait between fetches (with
+    the 1 s back-off), and
     `fetch.max.bytes` set explicitly would refuse a pipeline's larger `message.max.bytes`."""
-    return {"queued.max.messages.kbytes": max(1 << 20, min(8 << 20, max_bytes // 8)) // 1024,
+    return {"queued.max.messages.kbytes": max(1 << 20, min(8 << 20, max_bytes // 64)) // 1024,
             "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS}
 
 
