@@ -30,7 +30,7 @@ from ingest_defs.formats import Format, format_for
 from ingest_defs.ledger import Ledger, PartitionStats, ledger_rows, partition_stats
 from ingest_defs.partitions import partition_key_at
 from ingest_defs.sink import ConcurrentBatchError, DeltaTableSink
-from ingest_defs.sources.base import Gap, PartitionRange, Plan, RawBatch, Source
+from ingest_defs.sources.base import Gap, PartitionRange, Plan, RawBatch, Source, payload_series
 from ingest_defs.validation import validate
 
 logger = logging.getLogger("ingest.batch")
@@ -518,7 +518,7 @@ class BatchRunner:
             failures.update(unstorable)
             good = good.filter(~pl.col(ROW).is_in(list(unstorable)))
         if self.keep_raw:
-            good = good.with_columns(pl.Series("_raw", raw.payloads, dtype=pl.Binary).gather(good.get_column(ROW)))
+            good = good.with_columns(payload_series("_raw", raw.payloads).gather(good.get_column(ROW)))
         good = good.drop(ROW)
         for reason in failures.values():
             result.reasons[_reason_kind(reason)] += 1

@@ -25,6 +25,7 @@ from nats.js import api
 from ingest_defs.config import PipelineSpec, parse_pipeline
 from ingest_defs.resources.brokers import DEFAULT_NATS, source_for
 from ingest_defs.samples import Samples, make_samples
+from ingest_defs.sources import nats as nats_source
 from ingest_tests.conftest import (
     USER_ACTIVITY_SCHEMA,
     assert_exactly_once,
@@ -251,6 +252,7 @@ def test_recreated_stream_is_refused_not_reingested(lake, instance):
 
 
 def test_fast_and_plain_delivery_paths_read_the_same_batch(lake, monkeypatch):
+    monkeypatch.setattr(nats_source, "PACK_EVERY", 7)  # payloads packed in several buffers, and a rest
     spec = nats_spec(batch={"max_messages": 60})
     ensure_exists(spec)
     messages = [(f"{spec.name}.{'xy'[i % 2]}", json.dumps({"id": i, "event": "click", "value": i}).encode(),
@@ -265,7 +267,8 @@ def test_fast_and_plain_delivery_paths_read_the_same_batch(lake, monkeypatch):
             raw = source.read(plan, 1 << 20)
         finally:
             source.close()
-        batches[fast] = (raw.offsets, raw.streams, raw.keys, raw.headers, raw.timestamps_ms, raw.payloads, raw.covered)
+        batches[fast] = (raw.offsets.tolist(), raw.streams, raw.keys, raw.headers, raw.timestamps_ms.tolist(),
+                         list(raw.payloads), raw.covered)
     assert batches["1"] == batches["0"]
     offsets, streams, keys, headers, _, payloads, covered = batches["1"]
     assert offsets == seqs[10:70] and covered[0].start == seqs[10] and covered[0].end == seqs[69]

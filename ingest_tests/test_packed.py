@@ -1,6 +1,7 @@
 """Packed batch columns (no Python object per message) behave exactly like the lists they replace."""
 
 import json
+import random
 from datetime import UTC, datetime
 
 import numpy as np
@@ -8,7 +9,14 @@ import polars as pl
 import pytest
 
 from ingest_defs.decode import ROW, decode_payloads, standard_columns
-from ingest_defs.sources.base import PackedPayloads, PartitionRange, RawBatch, all_nonempty, joined_payloads
+from ingest_defs.sources.base import (
+    PackedPayloads,
+    PartitionRange,
+    RawBatch,
+    all_nonempty,
+    joined_payloads,
+    payload_series,
+)
 from ingest_defs.sources.kafka import _PackedKeys, prefetch_settings
 
 SCHEMA = {"id": pl.Int64(), "event": pl.String()}
@@ -105,3 +113,19 @@ def test_prefetch_settings_accept_a_large_message_max_bytes():
     consumer = Consumer({"bootstrap.servers": "localhost:1", "group.id": "g", **prefetch_settings(8 << 20),
                          "message.max.bytes": 10_000_000})
     consumer.close()
+
+
+def test_packed_payloads_become_a_binary_column_without_losing_a_byte():
+    rng = random.Random(7)
+    alphabet = [b"a", b"\n", b"\x00", b"\xff", b"{", b"\\"]  # newlines inside payloads too
+    chunks = [[b"".join(rng.choices(alphabet, k=rng.randrange(0, 40))) for _ in range(rng.randrange(1, 30))]
+              for _ in range(5)]
+    packed = PackedPayloads()
+    for chunk in chunks:
+        packed.extend(chunk)
+    every = [p for chunk in chunks for p in chunk]
+    column = payload_series("_raw", packed)
+    assert column.dtype == pl.Binary and column.name == "_raw"
+    assert column.to_list() == every
+    assert payload_series("_raw", every).to_list() == every  # a plain list: the same column
+    assert payload_series("_raw", PackedPayloads()).to_list() == []

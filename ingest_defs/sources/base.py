@@ -10,7 +10,10 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
+
+if TYPE_CHECKING:
+    import polars as pl
 
 StoredVersion = Callable[[str], int | None]
 """Looks up the last covered offset recorded in the target table for an app id (None: never written)."""
@@ -107,6 +110,22 @@ class PackedPayloads(Sequence[bytes]):
     def has_empty(self) -> bool:
         return bool(self._lengths) and min(self._lengths) == 0
 
+    def binary_series(self, name: str) -> pl.Series:
+        """The payloads as a polars Binary column, built from the packed buffer (no `bytes` per message)."""
+        import numpy as np  # here, not at import: light commands never load them
+        import polars as pl
+        import pyarrow as pa
+
+        n = len(self._lengths)
+        if not n:
+            return pl.Series(name, [], dtype=pl.Binary)
+        ends = np.cumsum(np.frombuffer(self._lengths, dtype=np.uint32), dtype=np.int64)
+        newlines = ends[:-1] + np.arange(n - 1)  # the one between payloads i and i + 1
+        values = np.delete(np.frombuffer(self.joined(), dtype=np.uint8), newlines)
+        offsets = np.concatenate((np.zeros(1, dtype=np.int64), ends))
+        column = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+        return pl.Series(name, column)
+
     def __len__(self) -> int:
         return len(self._lengths)
 
@@ -137,6 +156,15 @@ class PackedPayloads(Sequence[bytes]):
 def joined_payloads(payloads: Sequence[bytes]) -> bytes:
     """`b"\\n".join(payloads)`, taken ready-made from packed payloads."""
     return payloads.joined() if isinstance(payloads, PackedPayloads) else b"\n".join(payloads)
+
+
+def payload_series(name: str, payloads: Sequence[bytes]) -> pl.Series:
+    """A batch's payloads as a Binary column."""
+    if isinstance(payloads, PackedPayloads):
+        return payloads.binary_series(name)
+    import polars as pl
+
+    return pl.Series(name, payloads, dtype=pl.Binary)
 
 
 def all_nonempty(payloads: Sequence[bytes]) -> bool:

@@ -84,11 +84,13 @@ import os
 import re
 import ssl
 import time
+from array import array
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import nats
+import numpy as np
 from nats.errors import SlowConsumerError
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError
@@ -97,6 +99,7 @@ from ingest_defs.config import PipelineSpec
 from ingest_defs.security import nats_auth, redact, url_secrets, without_userinfo
 from ingest_defs.sources.base import (
     Gap,
+    PackedPayloads,
     PartitionRange,
     PartitionState,
     Plan,
@@ -118,6 +121,7 @@ PUBLISH_WINDOW = 1000
 PUBLISH_TIMEOUT_SECONDS = 30.0
 ACK_PREFIX = b"$JS.ACK."
 MSG_ID_HEADER = "Nats-Msg-Id"
+PACK_EVERY = 2_000  # deliveries per packed payload buffer (as a Kafka consume chunk)
 RETENTION = {
     "limits": api.RetentionPolicy.LIMITS,
     "workqueue": api.RetentionPolicy.WORK_QUEUE,
@@ -211,12 +215,15 @@ class _Reader:
         self.end = end  # range mode: last sequence of the planned range
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self.payloads: list[bytes] = []
-        self.offsets: list[int] = []
+        # Payloads are packed every PACK_EVERY deliveries (no `bytes` per message kept); sequences and
+        # timestamps are int64 arrays; keys and headers are lists only once a message has headers.
+        self.packed = PackedPayloads()
+        self._unpacked: list[bytes] = []
+        self.offsets = array("q")
         self.subjects: list[str] = []
-        self.keys: list[bytes | None] = []
-        self.headers: list[list[tuple[str, bytes | None]] | None] = []
-        self.timestamps: list[int | None] = []
+        self.keys: list[bytes | None] | None = None
+        self.headers: list[list[tuple[str, bytes | None]] | None] | None = None
+        self.timestamps = array("q")
         self.replies: list[bytes] = []
         self.seen: set[int] = set()
         self._subject_names: dict[bytes, str] = {}
@@ -265,21 +272,33 @@ class _Reader:
     # ------------------------------------------------------------ deliveries
     def _take(self, subject: bytes, data: bytes, headers: Headers | None, seq: int, ts_ns: bytes) -> None:
         # The hot path (one call per message): columns only, no per-message objects kept.
-        self.payloads.append(data)
+        unpacked = self._unpacked
+        unpacked.append(data)
+        if len(unpacked) >= PACK_EVERY:
+            self.packed.extend(unpacked)
+            unpacked.clear()
         self.offsets.append(seq)
         name = self._subject_names.get(subject)
         if name is None:
             name = self._subject_names[subject] = subject.decode()
         self.subjects.append(name)
         self.timestamps.append(int(ts_ns) // 1_000_000)
-        if headers is None:
-            self.headers.append(None)
-            self.keys.append(None)
-        else:
+        if headers is not None:
+            if self.headers is None or self.keys is None:  # the first message with headers
+                self.headers, self.keys = [None] * (len(self.offsets) - 1), [None] * (len(self.offsets) - 1)
             pairs = headers[2]
             self.headers.append([(k, v.encode()) for k, v in pairs] or None)
             self.keys.append(next((v.encode() for k, v in pairs if k == MSG_ID_HEADER and v), None))
+        elif self.headers is not None and self.keys is not None:
+            self.headers.append(None)
+            self.keys.append(None)
         self.nbytes += len(data)
+
+    def payloads(self) -> PackedPayloads:
+        """Every payload taken so far, packed (the reader is done with them)."""
+        self.packed.extend(self._unpacked)
+        self._unpacked = []
+        return self.packed
 
     def on_range(self, subject: bytes, reply: bytes, data: bytes, headers: Headers | None) -> bytes | None:
         """Limits streams: take deliveries up to `end`; the delivery metadata says when the range is covered."""
@@ -880,8 +899,9 @@ class NatsSource:
 
     def _batch(self, reader: _Reader, covered: PartitionRange, lag_after: int | None,
                ack_token: Any = None) -> RawBatch:
-        return RawBatch(payloads=reader.payloads, offsets=reader.offsets, partitions=0, streams=reader.subjects,
-                        keys=reader.keys, headers=reader.headers, timestamps_ms=reader.timestamps,
+        return RawBatch(payloads=reader.payloads(), offsets=np.frombuffer(reader.offsets, dtype=np.int64), partitions=0,
+                        streams=reader.subjects, keys=reader.keys, headers=reader.headers,
+                        timestamps_ms=np.frombuffer(reader.timestamps, dtype=np.int64),
                         covered=[covered], nbytes=reader.nbytes, ack_token=ack_token, lag_after=lag_after)
 
     # ------------------------------------------------------------ protocol: acknowledge
