@@ -15,7 +15,7 @@ large objects, librdkafka, nats-py and paho buffers, pyarrow) uses glibc's mallo
   freed so far (up to 32 MB): once a batch's 10 MB buffer is freed, every later 300 KB consume chunk lands in
   the heap and fragments it. A fixed `MMAP_THRESHOLD_BYTES` keeps such blocks mapped apart, unmapped when
   freed (with the trim: a 1M Kafka drain's peak 199 → 179 MB above baseline, the 1-partition read as fast
-  within noise). An explicit `MALLOC_MMAP_THRESHOLD_` wins.
+  within noise). An explicit `MALLOC_MMAP_THRESHOLD_` (or `glibc.malloc.mmap_threshold` tunable) wins.
 """
 
 from __future__ import annotations
@@ -33,13 +33,19 @@ TRIM_AFTER_BYTES = 1 << 20  # payload bytes of a batch worth a malloc_trim (4-10
 def configure() -> None:
     os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
     mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    chosen = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    if mallopt is not None and not chosen:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 @cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None)  # the symbols already loaded, the C library's among them (no library search)
+def _libc() -> ctypes.CDLL | None:
+    """The symbols already loaded, the C library's among them (no library search); None where that is not
+    possible (Windows)."""
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return None
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -266,7 +266,10 @@ class BatchRunner:
             nonlocal inflight
             item, inflight = inflight, None
             assert item is not None
-            return self._finish(*item, results)
+            finished = self._finish(*item, results)
+            del item
+            release_after_batch(finished.nbytes)  # its frames and messages are gone: hand their pages back
+            return finished
 
         known: dict[str, int | None] = {}  # versions as they will be once the in-flight batch commits
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{self.spec.name}") as writer:
@@ -309,6 +312,7 @@ class BatchRunner:
                     if inflight is not None:
                         previous = finish_inflight()
                         if previous.skipped:
+                            del raw  # not held through the next read
                             continue  # the read-ahead assumed a commit that did not happen: re-plan from Delta
                     if plan.bounded:
                         known.update(self._versions_after(raw, plan))
@@ -316,6 +320,7 @@ class BatchRunner:
                     else:
                         self._finish(result, raw, None, results)
                         del raw  # not held through the next read
+                        release_after_batch(result.nbytes)
                         last = results[-1]
                         if not last.safe_to_ack or (last.messages == 0 and not lingering()):
                             break  # unbounded sources: nothing more right now, or re-plan in a later run
@@ -396,7 +401,6 @@ class BatchRunner:
         if result.target_version is not None:
             for warning in raw.warnings:
                 self.ctx.warning(f"{warning} (batch {result.batch_id})")
-        release_after_batch(result.nbytes)  # the batch's frames are gone: hand their pages back
         return result
 
     # ------------------------------------------------------------ one batch

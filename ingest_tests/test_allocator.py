@@ -34,7 +34,7 @@ def test_jemalloc_decay_is_set_before_polars_loads_and_an_explicit_setting_wins(
 def test_freed_heap_pages_go_back_after_a_large_batch_only():
     # 96 MB in 64 KB blocks (below the mmap threshold: they come from the heap), then all freed but the last,
     # which pins the heap's top: glibc keeps the free space below it until malloc_trim.
-    blocks = [bytes(64 << 10) for _ in range(1536)]
+    blocks = [b"x" * (64 << 10) for _ in range(1536)]  # written, so every page is resident
     last = blocks[-1]
     del blocks
     before = _anon_mb()

@@ -40,7 +40,7 @@ def _overhead(ax: Any, rows: list[dict[str, Any]]) -> None:
 def _memory(ax: Any, rows: list[dict[str, Any]]) -> None:
     labels = [f"{r.get('broker', 'kafka')} {r['backlog'] / 1e6:g}M, batch {r['batch'] // 1000}k" for r in rows]
     ax.bar(labels, [r["baseline_mb"] for r in rows], label="idle baseline")
-    if all("anon_above_baseline_mb" in r for r in rows):  # runs before private memory was measured apart
+    if all("anon_above_baseline_mb" in r for r in rows):  # else a run from before private memory was measured
         private = [r["anon_above_baseline_mb"] for r in rows]
         ax.bar(labels, private, bottom=[r["baseline_mb"] for r in rows], label="private memory above baseline")
         ax.bar(labels, [r["above_baseline_mb"] - p for r, p in zip(rows, private, strict=True)],

@@ -11,6 +11,7 @@ sources never know the format.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,7 +26,7 @@ class Format(Protocol):
 
     name: str
 
-    def decode(self, payloads: list[bytes]) -> Decoded: ...
+    def decode(self, payloads: Sequence[bytes]) -> Decoded: ...
 
 
 def format_for(spec: PipelineSpec) -> Format:

@@ -20,6 +20,7 @@ reader schema's; declared `schema.columns` add checks and must agree with it (Co
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ import polars as pl
 from ingest_defs.config import DTYPES, ConfigError, PipelineSpec
 from ingest_defs.decode import ROW, Decoded
 from ingest_defs.formats.registry import RegisteredSchema, Registry, registry_for
+from ingest_defs.sources.base import payload_series
 
 HEADER = 5
 SCHEMA_TYPES = {"avro": "AVRO", "protobuf": "PROTOBUF", "json_schema": "JSON"}
@@ -103,8 +105,8 @@ class RegistryFormat:
         return self._registry
 
     # ------------------------------------------------------------ one batch
-    def decode(self, payloads: list[bytes]) -> Decoded:
-        frames = pl.Series("frame", payloads, dtype=pl.Binary)
+    def decode(self, payloads: Sequence[bytes]) -> Decoded:
+        frames = payload_series("frame", payloads)
         failures: dict[int, str] = {}
         latest: dict[str, Parsed | str] = {}  # subject → reader schema, or why there is none (this batch only)
         template = self._template(latest)

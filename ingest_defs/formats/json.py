@@ -3,6 +3,8 @@ its isolating fallback)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 from ingest_defs.config import PipelineSpec
@@ -16,5 +18,5 @@ class JsonFormat:
         self.schema: dict[str, pl.DataType] = spec.payload_schema
         self.strict = spec.schema_.strict
 
-    def decode(self, payloads: list[bytes]) -> Decoded:
+    def decode(self, payloads: Sequence[bytes]) -> Decoded:
         return decode_payloads(payloads, self.schema, self.strict)

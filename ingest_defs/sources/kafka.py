@@ -431,9 +431,9 @@ def prefetch_settings(max_bytes: int) -> dict[str, int]:
     A queue that small fills many times per batch, and each time it is full librdkafka postpones that
     partition's next fetch by `fetch.queue.backoff.ms` — 1 s by default, which made 1M drains stall about a
     second per refill (the 1-partition path at 107k msg/s, 64 partitions at 73k; 144k and 105k with 10 ms).
-    Only the byte bound otherwise: a smaller `queued.min.messages` made the client wait between fetches (with
-    the 1 s back-off), and
-    `fetch.max.bytes` set explicitly would refuse a pipeline's larger `message.max.bytes`."""
+    Only the byte bound otherwise: a smaller `queued.min.messages` made the client wait between fetches
+    (with the 1 s back-off), and `fetch.max.bytes` set explicitly would refuse a pipeline's larger
+    `message.max.bytes`."""
     return {"queued.max.messages.kbytes": max(1 << 20, min(8 << 20, max_bytes // 64)) // 1024,
             "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS}
 
