@@ -50,11 +50,15 @@ _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/p
             KafkaError._SSL: "TLS failed (check ca_file: the CA that signed the broker's certificate)"}
 # While a cluster fails over (a broker died, a leader or the group coordinator moved), requests fail with
 # these until librdkafka's metadata catches up: asked again for up to FAILOVER_SECONDS, not failed at once.
+# The admin client's ListOffsets (plans, status) also meets a new leader's epoch before its metadata has it
+# (FENCED/UNKNOWN_LEADER_EPOCH: seen in CI after a leader kill) and partitions added since its last metadata
+# refresh (_UNKNOWN_PARTITION: seen in CI when a topic grew from 12 to 15 partitions during a run).
 FAILOVER_SECONDS = 45.0
 _FAILOVER = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
              KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
              KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
-             KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.UNKNOWN_TOPIC_OR_PART}
+             KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.FENCED_LEADER_EPOCH,
+             KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError._UNKNOWN_PARTITION}
 
 
 def _during_failover(call: Any) -> Any:
