@@ -40,15 +40,11 @@ def _overhead(ax: Any, rows: list[dict[str, Any]]) -> None:
 def _memory(ax: Any, rows: list[dict[str, Any]]) -> None:
     labels = [f"{r.get('broker', 'kafka')} {r['backlog'] / 1e6:g}M, batch {r['batch'] // 1000}k" for r in rows]
     ax.bar(labels, [r["baseline_mb"] for r in rows], label="idle baseline")
-    if all("anon_above_baseline_mb" in r for r in rows):  # else a run from before private memory was measured
-        private = [r["anon_above_baseline_mb"] for r in rows]
-        ax.bar(labels, private, bottom=[r["baseline_mb"] for r in rows], label="private memory above baseline")
-        ax.bar(labels, [r["above_baseline_mb"] - p for r, p in zip(rows, private, strict=True)],
-               bottom=[r["baseline_mb"] + p for r, p in zip(rows, private, strict=True)],
-               label="rest of the peak (mostly code pages mapped in)")
-    else:
-        ax.bar(labels, [r["above_baseline_mb"] for r in rows], bottom=[r["baseline_mb"] for r in rows],
-               label="peak above baseline")
+    private = [r["anon_above_baseline_mb"] for r in rows]
+    ax.bar(labels, private, bottom=[r["baseline_mb"] for r in rows], label="private memory above baseline")
+    ax.bar(labels, [r["above_baseline_mb"] - p for r, p in zip(rows, private, strict=True)],
+           bottom=[r["baseline_mb"] + p for r, p in zip(rows, private, strict=True)],
+           label="rest of the peak (mostly code pages mapped in)")
     ax.set_ylabel("MB (RSS)")
     ax.set_title("Memory of a drain")
     ax.tick_params(axis="x", labelsize=7, rotation=20)
