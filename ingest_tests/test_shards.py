@@ -139,6 +139,37 @@ def test_three_shards_commit_concurrently_while_messages_and_partitions_arrive(l
     assert group_offsets(spec) == {p: v + 1 for p, v in delta_positions_all(spec).items()}
 
 
+def test_a_source_that_planned_before_partitions_were_added_plans_and_lands_them(lake):
+    # The admin client behind the plan caches the topic's metadata and never refreshed it for partitions it did
+    # not know (ListOffsets failed with _UNKNOWN_PARTITION until its 5-minute refresh): one source, kept open
+    # across the growth, must see the new partitions at its next plan.
+    spec = kafka_spec(partitions=2, batch={"max_messages": 500})
+    first = make_samples(spec, 200, bad_fraction=0.05, seed=171)
+    produced = produce(spec, first.payloads, first.keys)
+    source = source_for(spec)
+    target, quarantine, ledger = sinks(spec)
+    try:
+        runner = BatchRunner(spec, source, target, quarantine, BatchContext(trigger="test"), ledger=ledger)
+        assert sum(b.messages for b in runner.run()) == 200
+        topic = spec.source.kafka.topic
+        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})  # held: a collected client cancels its futures
+        admin.create_partitions([NewPartitions(topic, 5)])[topic].result(30)
+        producer = Producer({"bootstrap.servers": BOOTSTRAP, "acks": "all", "enable.idempotence": True})
+        while len(producer.list_topics(topic, timeout=10).topics[topic].partitions) < 5:
+            time.sleep(0.2)
+        more = make_samples(spec, 300, bad_fraction=0.05, seed=172, start_id=200)
+        for i, payload in enumerate(more.payloads):
+            producer.produce(topic, value=payload, partition=i % 5,
+                             on_delivery=lambda err, msg: produced.add((msg.partition(), msg.offset())))
+        assert producer.flush(30) == 0
+        assert sum(b.messages for b in runner.run()) == 300
+    finally:
+        source.close()
+    assert {p for p, _ in produced} == set(range(5)) and len(produced) == 500
+    assert_exactly_once(spec, produced)
+    assert group_offsets(spec) == {p: v + 1 for p, v in delta_positions_all(spec).items()}
+
+
 def test_the_sensor_asks_one_run_per_shard_and_each_run_reports_its_shard(lake, instance):
     spec = kafka_spec(partitions=6, shards=3, batch={"max_messages": 500, "linger_seconds": 0})  # a sensor's run lingers 60 s once caught up; not this test's subject
     samples = make_samples(spec, 900, bad_fraction=0.05, seed=154)

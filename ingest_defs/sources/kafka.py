@@ -8,6 +8,7 @@ consume timeout); a range may end in transaction markers or aborted records, so 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from array import array
 from collections.abc import Sequence
@@ -52,7 +53,8 @@ _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/p
 # these until librdkafka's metadata catches up: asked again for up to FAILOVER_SECONDS, not failed at once.
 # The admin client's ListOffsets (plans, status) also meets a new leader's epoch before its metadata has it
 # (FENCED/UNKNOWN_LEADER_EPOCH: seen in CI after a leader kill) and partitions added since its last metadata
-# refresh (_UNKNOWN_PARTITION: seen in CI when a topic grew from 12 to 15 partitions during a run).
+# refresh (_UNKNOWN_PARTITION: seen in CI when a topic grew from 12 to 15 partitions during a run); on those
+# its metadata is refreshed before asking again (_refresh_admin_metadata).
 FAILOVER_SECONDS = 45.0
 _FAILOVER = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
              KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
@@ -210,13 +212,25 @@ class KafkaSource:
                 futures = admin.list_offsets({TopicPartition(self.topic, p): spec for p in partitions},
                                              isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=15)
                 return {tp.partition: future.result().offset for tp, future in futures.items()}
-            low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())
+            try:
+                low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())
+            except KafkaException as exc:
+                if isinstance(exc.args[0], KafkaError) and exc.args[0].code() in _FAILOVER:
+                    self._refresh_admin_metadata()
+                raise
             return {p: (low[p], high[p]) for p in partitions}
 
         try:
             return _during_failover(ask) if partitions else {}
         finally:
             admin.poll(0)  # its error and log callbacks (librdkafka queues them until polled)
+
+    def _refresh_admin_metadata(self) -> None:
+        """Make the admin client fetch the topic's metadata now. ListOffsets finds leaders in its metadata cache
+        and never refreshes it for a partition it does not know: after partitions were added it failed with
+        _UNKNOWN_PARTITION for minutes (until the 5-minute periodic refresh), measured against the broker."""
+        with contextlib.suppress(KafkaException):  # the caller asks again; mid-failover it may not answer yet
+            self._admin_for().list_topics(self.topic, timeout=5)
 
     def _admin_for(self) -> AdminClient:
         """This source's admin client (topic identity, watermarks), made once."""
