@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from deltalake import CommitProperties, DeltaTable
+from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties
 from deltalake.exceptions import CommitFailedError
 
 from ingest_defs.config import MaintenanceSpec
@@ -89,6 +89,15 @@ class MaintenanceReport:
 def table_stats(table: DeltaTable) -> TableStats:
     sizes = table.get_add_actions(flatten=True).column("size_bytes").to_pylist()
     return TableStats(version=table.version(), files=len(sizes), bytes=int(sum(sizes)))
+
+
+def commit_hooks(settings: MaintenanceSpec) -> PostCommitHookProperties | None:
+    """What delta-rs does after each batch's commit. With maintenance on, expired log entries are cleaned up by
+    the maintenance job, not after every commit: delta-rs's post-commit cleanup lists and stats the whole
+    `_delta_log` each time (an empty append: 26 ms against 10 with 1,100 entries, 65 against 16 with 3,300,
+    measured here). Checkpoints are still written every `checkpoint_interval` commits. Maintenance off: None,
+    delta-rs's own default (clean up after commits), since nothing else would."""
+    return PostCommitHookProperties(cleanup_expired_logs=False) if settings.enabled else None
 
 
 def table_properties(settings: MaintenanceSpec) -> dict[str, str]:

@@ -13,10 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
-from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    PostCommitHookProperties,
+    Schema,
+    Transaction,
+    write_deltalake,
+)
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from ingest_defs import faults
+from ingest_defs.maintenance import commit_hooks
 from ingest_defs.storage import Location, location, table_location
 
 PROP_PREFIX = "ingest."
@@ -118,17 +126,19 @@ def commit_with_retries(attempt: Any, refresh: Any, describe: str, attempts: int
 class DeltaTableSink:
     """One Delta table (target or quarantine) of one pipeline."""
 
-    def __init__(self, uri: str | Location, pipeline: str, role: str, storage_options: dict[str, str] | None = None):
+    def __init__(self, uri: str | Location, pipeline: str, role: str, storage_options: dict[str, str] | None = None,
+                 post_commit: PostCommitHookProperties | None = None):
         # A bare path or URI gets its storage options from the environment (storage.py), plus `storage_options`.
         self.location = uri if isinstance(uri, Location) else location(uri, storage_options)
         self.uri, self.pipeline, self.role = self.location.uri, pipeline, role
         self.storage_options = self.location.options
+        self.post_commit = post_commit  # delta-rs's hooks after our commits (None: its defaults)
         self._table: DeltaTable | None = None
 
     @classmethod
     def of(cls, spec: Any, role: str) -> DeltaTableSink:
-        """The pipeline's `target` or `quarantine` table, with the pipeline's storage options."""
-        return cls(table_location(spec, role), spec.name, role)
+        """The pipeline's `target` or `quarantine` table, with the pipeline's storage options and commit hooks."""
+        return cls(table_location(spec, role), spec.name, role, post_commit=commit_hooks(spec.maintenance))
 
     # ------------------------------------------------------------ reading state
     def table(self, refresh: bool = True) -> DeltaTable | None:
@@ -225,7 +235,8 @@ class DeltaTableSink:
 
         def attempt() -> None:
             with self.location.failures(committing):
-                write_deltalake(table, data, mode="append", schema_mode="merge", commit_properties=commit)
+                write_deltalake(table, data, mode="append", schema_mode="merge", commit_properties=commit,
+                                post_commithook_properties=self.post_commit)
 
         def refresh() -> None:
             with self.location.failures(f"reading the {self.role} table"):
@@ -238,8 +249,7 @@ class DeltaTableSink:
         started = time.monotonic()
         retries = commit_with_retries(attempt, refresh, f"pipeline '{self.pipeline}': committing to the "
                                       f"{self.role} table {self.uri}")
-        with self.location.failures(f"reading the {self.role} table"):
-            table.update_incremental()
+        # write_deltalake moved `table` to the version it committed: no refresh (a listing of the log) needed
         return Committed(table.version(), frame.height, retries, time.monotonic() - started)
 
     def _die_between_data_files_and_log(self, frame: pl.DataFrame) -> None:
@@ -278,8 +288,8 @@ class DeltaTableSink:
             try:
                 with self.location.failures(f"replacing rows of the {self.role} table"):
                     write_deltalake(table, stored.to_arrow(), mode="overwrite", predicate=predicate,
-                                    schema_mode="merge", commit_properties=commit)
-                    table.update_incremental()
+                                    schema_mode="merge", commit_properties=commit,
+                                    post_commithook_properties=self.post_commit)
             except CommitFailedError:
                 if attempt == attempts - 1:
                     raise

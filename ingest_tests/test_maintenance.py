@@ -16,9 +16,12 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from ingest_defs.config import MaintenanceSpec
 from ingest_defs.factory import build_definitions
 from ingest_defs.jobs.maintenance import maintenance_job_name
+from ingest_defs.ledger import Ledger, ledger_rows
 from ingest_defs.maintenance import maintain_table
 from ingest_defs.resources.brokers import DEFAULT_KAFKA, source_for
 from ingest_defs.samples import make_samples
+from ingest_defs.sink import DeltaTableSink
+from ingest_defs.sources.base import PartitionRange
 from ingest_tests.conftest import (
     assert_exactly_once,
     failure_message,
@@ -177,6 +180,39 @@ def test_a_long_log_on_local_disk_is_reported_with_the_fix(tmp_path: Path, monke
     report = maintain_table(uri, settings)
     assert report.log_entries is not None and report.log_entries < 20
     assert report.log_warning("orders", settings) is None
+
+
+@pytest.mark.parametrize("maintained", [True, False], ids=["maintenance-on", "maintenance-off"])
+def test_batch_commits_leave_log_cleanup_to_the_maintenance_job(lake, maintained: bool):
+    """delta-rs's cleanup after each commit lists and stats all of `_delta_log` (O(log) per batch): with
+    maintenance on, the job cleans the log and batch commits do not; with it off, delta-rs still does."""
+    spec = kafka_spec(maintenance={"enabled": maintained})
+    target, ledger = DeltaTableSink.of(spec, "target"), Ledger.of(spec)
+    frame = pl.DataFrame({"_offset": [0], "v": ["a"]})
+    target.ensure_exists(frame, {"topic_id": "t"})
+    for i in range(6):
+        target.append(frame.with_columns(pl.lit(i, pl.Int64).alias("_offset")), {"p/kafka/t/0": i}, {})
+        ledger.append([_ledger_row(spec, i)], covered={"p/kafka/t/0": i})
+    for uri in (target.uri, ledger.uri):
+        DeltaTable(uri).alter.set_table_properties({"delta.logRetentionDuration": "interval 1 hours",
+                                                     "delta.checkpointInterval": "2"})
+        _age(list(Path(uri, "_delta_log").glob("*.json")), DAY)  # every entry so far has expired
+    for i in range(6, 9):  # commits past the next checkpoint, where delta-rs would clean up
+        target.append(frame.with_columns(pl.lit(i, pl.Int64).alias("_offset")), {"p/kafka/t/0": i}, {})
+        ledger.append([_ledger_row(spec, i)], covered={"p/kafka/t/0": i})
+    for uri in (target.uri, ledger.uri):
+        first_kept = min(int(p.name[:20]) for p in Path(uri, "_delta_log").glob("*.json"))
+        assert (first_kept == 0) is maintained, (uri, first_kept)
+        assert DeltaTable(uri).transaction_version("p/kafka/t/0") == 8
+    assert sorted(pl.read_delta(target.uri)["_offset"].to_list()) == list(range(9))
+
+
+def _ledger_row(spec, offset: int) -> dict:
+    return ledger_rows(pipeline=spec.name, batch_id=f"b{offset}", partition_key="2026-12-02", mode="live",
+                       status="committed", trigger="test", run_id=None, generation=None,
+                       covered=[PartitionRange("p/kafka/t/0", 0, offset, offset)], stats={}, rows_written=1,
+                       rows_quarantined=0, target_version=offset, quarantine_version=None,
+                       ingested_at=None, started_at=None, qos0_messages=None)[0]
 
 
 def test_maintenance_of_a_table_not_created_yet_is_a_no_op(tmp_path: Path):
