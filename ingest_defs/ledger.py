@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
-from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from ingest_defs.maintenance import commit_hooks
 from ingest_defs.sink import ConcurrentBatchError, commit_with_retries
@@ -112,10 +112,8 @@ class Ledger:
     """The ledger table of one pipeline."""
 
     def __init__(self, uri: str | Location, pipeline: str, storage_options: dict[str, str] | None = None,
-                 partition_of: Callable[[datetime], str] | None = None,
-                 post_commit: PostCommitHookProperties | None = None):
+                 partition_of: Callable[[datetime], str] | None = None):
         self.location = uri if isinstance(uri, Location) else location(uri, storage_options)
-        self.post_commit = post_commit  # delta-rs's hooks after our commits (None: its defaults)
         self.uri, self.pipeline, self.storage_options = self.location.uri, pipeline, self.location.options
         # the partition of a commit time, for commits made before the ledger existed (no partition in metadata)
         self.partition_of = partition_of
@@ -124,9 +122,8 @@ class Ledger:
 
     @classmethod
     def of(cls, spec: Any, partition_of: Callable[[datetime], str] | None = None) -> Ledger:
-        """The pipeline's ledger table, with the pipeline's storage options and commit hooks."""
-        return cls(table_location(spec, "ledger"), spec.name, partition_of=partition_of,
-                   post_commit=commit_hooks(spec.maintenance))
+        """The pipeline's ledger table, with the pipeline's storage options."""
+        return cls(table_location(spec, "ledger"), spec.name, partition_of=partition_of)
 
     def table(self) -> DeltaTable | None:
         """The ledger table at its latest version (opened once, then refreshed incrementally)."""
@@ -172,7 +169,8 @@ class Ledger:
             else:
                 with self.location.failures("committing to the ledger table"):
                     write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge",
-                                    commit_properties=state["props"], post_commithook_properties=self.post_commit)
+                                    commit_properties=state["props"],
+                                    post_commithook_properties=commit_hooks(table.version() + 1))
 
         try:
             prepare()

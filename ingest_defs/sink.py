@@ -13,14 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
-from deltalake import (
-    CommitProperties,
-    DeltaTable,
-    PostCommitHookProperties,
-    Schema,
-    Transaction,
-    write_deltalake,
-)
+from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from ingest_defs import faults
@@ -126,19 +119,17 @@ def commit_with_retries(attempt: Any, refresh: Any, describe: str, attempts: int
 class DeltaTableSink:
     """One Delta table (target or quarantine) of one pipeline."""
 
-    def __init__(self, uri: str | Location, pipeline: str, role: str, storage_options: dict[str, str] | None = None,
-                 post_commit: PostCommitHookProperties | None = None):
+    def __init__(self, uri: str | Location, pipeline: str, role: str, storage_options: dict[str, str] | None = None):
         # A bare path or URI gets its storage options from the environment (storage.py), plus `storage_options`.
         self.location = uri if isinstance(uri, Location) else location(uri, storage_options)
         self.uri, self.pipeline, self.role = self.location.uri, pipeline, role
         self.storage_options = self.location.options
-        self.post_commit = post_commit  # delta-rs's hooks after our commits (None: its defaults)
         self._table: DeltaTable | None = None
 
     @classmethod
     def of(cls, spec: Any, role: str) -> DeltaTableSink:
-        """The pipeline's `target` or `quarantine` table, with the pipeline's storage options and commit hooks."""
-        return cls(table_location(spec, role), spec.name, role, post_commit=commit_hooks(spec.maintenance))
+        """The pipeline's `target` or `quarantine` table, with the pipeline's storage options."""
+        return cls(table_location(spec, role), spec.name, role)
 
     # ------------------------------------------------------------ reading state
     def table(self, refresh: bool = True) -> DeltaTable | None:
@@ -236,7 +227,7 @@ class DeltaTableSink:
         def attempt() -> None:
             with self.location.failures(committing):
                 write_deltalake(table, data, mode="append", schema_mode="merge", commit_properties=commit,
-                                post_commithook_properties=self.post_commit)
+                                post_commithook_properties=commit_hooks(table.version() + 1))
 
         def refresh() -> None:
             with self.location.failures(f"reading the {self.role} table"):
@@ -289,7 +280,7 @@ class DeltaTableSink:
                 with self.location.failures(f"replacing rows of the {self.role} table"):
                     write_deltalake(table, stored.to_arrow(), mode="overwrite", predicate=predicate,
                                     schema_mode="merge", commit_properties=commit,
-                                    post_commithook_properties=self.post_commit)
+                                    post_commithook_properties=commit_hooks(table.version() + 1))
             except CommitFailedError:
                 if attempt == attempts - 1:
                     raise

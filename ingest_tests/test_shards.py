@@ -155,7 +155,9 @@ def test_a_source_that_planned_before_partitions_were_added_plans_and_lands_them
         admin = AdminClient({"bootstrap.servers": BOOTSTRAP})  # held: a collected client cancels its futures
         admin.create_partitions([NewPartitions(topic, 5)])[topic].result(30)
         producer = Producer({"bootstrap.servers": BOOTSTRAP, "acks": "all", "enable.idempotence": True})
+        deadline = time.monotonic() + 30
         while len(producer.list_topics(topic, timeout=10).topics[topic].partitions) < 5:
+            assert time.monotonic() < deadline, "the producer never saw the new partitions"
             time.sleep(0.2)
         more = make_samples(spec, 300, bad_fraction=0.05, seed=172, start_id=200)
         for i, payload in enumerate(more.payloads):

@@ -54,13 +54,16 @@ _REFUSED = {KafkaError._AUTHENTICATION: "authentication failed (check username/p
 # The admin client's ListOffsets (plans, status) also meets a new leader's epoch before its metadata has it
 # (FENCED/UNKNOWN_LEADER_EPOCH: seen in CI after a leader kill) and partitions added since its last metadata
 # refresh (_UNKNOWN_PARTITION: seen in CI when a topic grew from 12 to 15 partitions during a run); on those
-# its metadata is refreshed before asking again (_refresh_admin_metadata).
+# its metadata is refreshed before asking again (_refresh_admin_metadata, on _STALE_METADATA).
 FAILOVER_SECONDS = 45.0
 _FAILOVER = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
              KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
              KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
              KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.FENCED_LEADER_EPOCH,
              KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError._UNKNOWN_PARTITION}
+# Of those, the ones that mean the admin client's cached metadata is stale (refreshed before asking again).
+_STALE_METADATA = {KafkaError._UNKNOWN_PARTITION, KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH,
+                   KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
 
 
 def _during_failover(call: Any) -> Any:
@@ -215,7 +218,7 @@ class KafkaSource:
             try:
                 low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())
             except KafkaException as exc:
-                if isinstance(exc.args[0], KafkaError) and exc.args[0].code() in _FAILOVER:
+                if isinstance(exc.args[0], KafkaError) and exc.args[0].code() in _STALE_METADATA:
                     self._refresh_admin_metadata()
                 raise
             return {p: (low[p], high[p]) for p in partitions}
@@ -235,7 +238,9 @@ class KafkaSource:
     def _admin_for(self) -> AdminClient:
         """This source's admin client (topic identity, watermarks), made once."""
         if self._admin is None:
-            self._admin = AdminClient({**self._admin_config(), "client.id": f"ingest-{self.spec.name}"})
+            # a metadata request of the admin (a producer handle) must never create a missing topic
+            self._admin = AdminClient({**self._admin_config(), "client.id": f"ingest-{self.spec.name}",
+                                       "allow.auto.create.topics": False})
         return self._admin
 
     # ------------------------------------------------------------ protocol
