@@ -28,9 +28,10 @@ CHECKPOINT_INTERVAL_PROP = "delta.checkpointInterval"
 COMMIT_RETRIES = 5
 # On local disk every open, refresh and commit of delta-rs lists the whole `_delta_log` directory (upstream:
 # delta-kernel-rs#2335), so its cost follows the retained commits, not the table. Measured on this project's
-# machine with delta-rs's per-commit log cleanup: an append takes 5 ms with 10 entries, 94 ms with 5,000,
-# 350 ms with 20,000 and ~1 s with 60,000 (a week of 10 s micro-batches); with it on one commit in ten
-# (commit_hooks) 30 ms at 5,500 (without it; the tenth pays the cleanup). Above this many entries maintenance warns.
+# machine with delta-rs's log cleanup after every commit: an append takes 5 ms with 10 entries, 94 ms with
+# 5,000, 350 ms with 20,000 and ~1 s with 60,000 (a week of 10 s micro-batches). Batch commits run that cleanup
+# on one commit in ten (commit_hooks); without it an append takes 30 ms at 5,500. Above this many entries
+# maintenance warns.
 LOG_ENTRIES_WARNING = 5_000
 LOG_CLEANUP_EVERY = 10  # batch commits clean up expired log entries on one commit in this many (commit_hooks)
 
