@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,8 +66,9 @@ _STALE_METADATA = {KafkaError._UNKNOWN_PARTITION, KafkaError.FENCED_LEADER_EPOCH
                    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE}
 
 
-def _during_failover(call: Any) -> Any:
-    """`call()`, asked again while the error says the cluster is failing over (see _FAILOVER)."""
+def _during_failover(call: Any, refresh_metadata: Callable[[], None] | None = None) -> Any:
+    """`call()`, asked again while the error says the cluster is failing over (see _FAILOVER); when it says the
+    client's metadata is stale (_STALE_METADATA), `refresh_metadata()` first."""
     deadline = time.monotonic() + FAILOVER_SECONDS
     wait = 0.2
     while True:
@@ -78,6 +79,8 @@ def _during_failover(call: Any) -> Any:
             if not isinstance(err, KafkaError) or not (err.retriable() or err.code() in _FAILOVER) \
                     or time.monotonic() + wait > deadline:
                 raise
+            if refresh_metadata is not None and err.code() in _STALE_METADATA:
+                refresh_metadata()
         time.sleep(wait)
         wait = min(2.0, wait * 2)
 
@@ -215,16 +218,11 @@ class KafkaSource:
                 futures = admin.list_offsets({TopicPartition(self.topic, p): spec for p in partitions},
                                              isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=15)
                 return {tp.partition: future.result().offset for tp, future in futures.items()}
-            try:
-                low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())
-            except KafkaException as exc:
-                if isinstance(exc.args[0], KafkaError) and exc.args[0].code() in _STALE_METADATA:
-                    self._refresh_admin_metadata()
-                raise
+            low, high = offsets(OffsetSpec.earliest()), offsets(OffsetSpec.latest())
             return {p: (low[p], high[p]) for p in partitions}
 
         try:
-            return _during_failover(ask) if partitions else {}
+            return _during_failover(ask, self._refresh_admin_metadata) if partitions else {}
         finally:
             admin.poll(0)  # its error and log callbacks (librdkafka queues them until polled)
 
