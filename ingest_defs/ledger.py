@@ -30,7 +30,7 @@ from typing import Any
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from ingest_defs.maintenance import commit_hooks
+from ingest_defs.maintenance import commit_hooks, table_properties
 from ingest_defs.sink import ConcurrentBatchError, commit_with_retries
 from ingest_defs.sources.base import PartitionRange
 from ingest_defs.storage import Location, location, table_location
@@ -112,31 +112,35 @@ class Ledger:
     """The ledger table of one pipeline."""
 
     def __init__(self, uri: str | Location, pipeline: str, storage_options: dict[str, str] | None = None,
-                 partition_of: Callable[[datetime], str] | None = None):
+                 partition_of: Callable[[datetime], str] | None = None, properties: dict[str, str] | None = None):
         self.location = uri if isinstance(uri, Location) else location(uri, storage_options)
         self.uri, self.pipeline, self.storage_options = self.location.uri, pipeline, self.location.options
         # the partition of a commit time, for commits made before the ledger existed (no partition in metadata)
         self.partition_of = partition_of
         self.legacy_app_id = f"{pipeline}/ledger"  # before per-partition ids: the target version recorded
+        self.properties = properties or {}  # Delta table properties the ledger starts with when this creates it
         self._table: DeltaTable | None = None
 
     @classmethod
     def of(cls, spec: Any, partition_of: Callable[[datetime], str] | None = None) -> Ledger:
-        """The pipeline's ledger table, with the pipeline's storage options."""
-        return cls(table_location(spec, "ledger"), spec.name, partition_of=partition_of)
+        """The pipeline's ledger table, with the pipeline's storage options and, when this creates it, the
+        maintenance settings as table properties."""
+        return cls(table_location(spec, "ledger"), spec.name, partition_of=partition_of,
+                   properties=table_properties(spec.maintenance))
 
-    def table(self) -> DeltaTable | None:
-        """The ledger table at its latest version (opened once, then refreshed incrementally)."""
+    def table(self, refresh: bool = True) -> DeltaTable | None:
+        """The ledger table at its latest version (opened once, then refreshed incrementally), or as last
+        read with `refresh=False`."""
         if self._table is None:
             self._table = self.location.open()
-        else:
+        elif refresh:
             with self.location.failures("reading"):
                 self._table.update_incremental()
         return self._table
 
-    def recorded(self, app_ids: Iterable[str]) -> dict[str, int | None]:
+    def recorded(self, app_ids: Iterable[str], refresh: bool = True) -> dict[str, int | None]:
         """Per source app id, the last offset whose batch the ledger records (None: none yet)."""
-        table = self.table()
+        table = self.table(refresh)
         return {a: None if table is None else table.transaction_version(a) for a in app_ids}
 
     # ------------------------------------------------------------ writing
@@ -150,8 +154,8 @@ class Ledger:
         covered = covered or {}
         state: dict[str, Any] = {}
 
-        def prepare() -> None:
-            state["table"] = table = self.table()
+        def prepare(refresh: bool = True) -> None:
+            state["table"] = table = self.table(refresh)
             stored = {a: None if table is None else table.transaction_version(a) for a in covered}
             if covered and all(v is not None and v >= covered[a] for a, v in stored.items()):
                 raise ConcurrentBatchError("already recorded")
@@ -165,23 +169,31 @@ class Ledger:
             # merge: a ledger made before a column was added gains it (older rows read as null)
             if table is None:
                 self.location.write(frame.to_arrow(), mode="append", commit_properties=state["props"],
-                                    schema_mode="merge")
+                                    schema_mode="merge", configuration=self.properties or None)
             else:
                 with self.location.failures("committing to the ledger table"):
                     write_deltalake(table, frame.to_arrow(), mode="append", schema_mode="merge",
                                     commit_properties=state["props"],
                                     post_commithook_properties=commit_hooks(table.version() + 1))
 
-        try:
-            prepare()
-            commit_with_retries(attempt, prepare, f"pipeline '{self.pipeline}': recording batches in the ledger {self.uri}")
-        except ConcurrentBatchError:
-            # Another writer (a repair, or a second run of these partitions) recorded these offsets first.
-            now = self.recorded(covered)
-            if covered and all(v is not None and v >= covered[a] for a, v in now.items()):
-                return False
-            raise
-        return True
+        # The first try commits on the snapshot the ledger was last read or written at (a run opens it at its
+        # start, each append moves it), saving a listing of its log per batch. A record made meanwhile by another
+        # writer of these app ids fails that commit on its transaction; the second try starts from a refreshed
+        # snapshot. A commit lost to other app ids is retried inside commit_with_retries.
+        for fresh in (False, True):
+            try:
+                prepare(refresh=fresh)
+                commit_with_retries(attempt, prepare,
+                                    f"pipeline '{self.pipeline}': recording batches in the ledger {self.uri}")
+                return True
+            except ConcurrentBatchError:
+                # Another writer (a repair, or a second run of these partitions) recorded offsets of these ids.
+                now = self.recorded(covered)
+                if covered and all(v is not None and v >= covered[a] for a, v in now.items()):
+                    return False  # ... all of this batch's
+                if fresh:
+                    raise
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ reading
     def frame(self, filters: pl.Expr | None = None) -> pl.DataFrame:
@@ -200,19 +212,20 @@ class Ledger:
 
     # ------------------------------------------------------------ repair
     def repair(self, target: DeltaTable | None, quarantine: str | Location, app_ids: Iterable[str],
-               max_commits: int = 1000, target_location: Location | None = None) -> list[str]:
+               max_commits: int = 1000, target_location: Location | None = None, refresh: bool = True) -> list[str]:
         """Record live batches on `app_ids` the target committed but the ledger missed (a crash between the
         two commits). A live run passes its own partitions' ids, so it never touches another shard's batch
-        in flight; a replay passes all of them, and the ledger's fence settles a race with a live batch."""
+        in flight; a replay passes all of them, and the ledger's fence settles a race with a live batch.
+        `refresh=False`: the ledger was read just before (a run's start), no listing of its log again."""
         if target is None:
             return []
         app_ids = list(app_ids)
-        recorded = self.recorded(app_ids)
+        recorded = self.recorded(app_ids, refresh)
         behind = {a: recorded[a] for a in app_ids
                   if (v := target.transaction_version(a)) is not None and (recorded[a] is None or v > recorded[a])}
         if not behind:
             return []
-        legacy = self.table()
+        legacy = self.table(refresh=False)  # as `recorded` just read it
         low = -1
         if legacy is not None and (old := legacy.transaction_version(self.legacy_app_id)) is not None:
             low = old  # a ledger of the single-writer era records every target commit up to this version

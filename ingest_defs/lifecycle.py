@@ -69,7 +69,8 @@ class BatchResult:
     duration_s: float = 0.0
     skipped: str | None = None  # why nothing was written (e.g. another writer did it)
     safe_to_ack: bool = True  # False only when our commit failed (then the broker must keep the messages)
-    stage_s: dict[str, float] = field(default_factory=dict)  # read, decode, write, ack: where the time goes
+    # where the time goes: read, decode_validate, write (fence and commits; "commit" is part of it), ledger, ack
+    stage_s: dict[str, float] = field(default_factory=dict)
     reasons: Counter[str] = field(default_factory=Counter)
     partition_key: str = ""  # the ingestion-time partition the batch belongs to
     ingested_at: datetime | None = None  # `_ingested_at` of its rows
@@ -170,9 +171,10 @@ class BatchRunner:
         return self._identity
 
     # ------------------------------------------------------------ planning
-    def plan(self, requested: list[PartitionRange] | None = None) -> Plan:
-        """Plan from the target table's versions; a requested plan (from a sensor) is clamped to them."""
-        self.target.table(refresh=True)
+    def plan(self, requested: list[PartitionRange] | None = None, refresh: bool = True) -> Plan:
+        """Plan from the target table's versions; a requested plan (from a sensor) is clamped to them.
+        `refresh=False`: from the snapshot just read (`open_tables`), without listing the log again."""
+        self.target.table(refresh=refresh)
         seen: dict[str, int | None] = {}
 
         def stored(app_id: str) -> int | None:
@@ -212,8 +214,9 @@ class BatchRunner:
         committed on a worker thread (the broker read and the Delta write both release the GIL). Commits
         and acknowledgements stay strictly in order, and a read-ahead batch is thrown away unless the
         batch before it committed."""
+        self.open_tables()
         self.identity()
-        self.repair_ledger()
+        self.repair_ledger(refresh=False)
         budget = self.spec.batch.max_run_seconds if max_seconds is None else max_seconds
         started = time.monotonic()
         # Linger: once caught up, keep polling for new messages this long (an explicit batch count does not).
@@ -258,7 +261,7 @@ class BatchRunner:
         def lingering() -> bool:
             return bool(linger) and time.monotonic() - last_data < linger and not spent()
         results: list[BatchResult] = []
-        inflight: tuple[BatchResult, RawBatch, Future[BatchResult]] | None = None
+        inflight: tuple[BatchResult, RawBatch, Future[BatchResult], Future[None]] | None = None
 
         def finish_inflight() -> BatchResult:
             """Commit and acknowledge the read-ahead batch, once even if that raises. Nothing here keeps its
@@ -266,19 +269,24 @@ class BatchRunner:
             nonlocal inflight
             item, inflight = inflight, None
             assert item is not None
-            finished = self._finish(*item, results)
+            result, raw, committing, recording = item
+            finished = self._finish(result, raw, committing, results, recording)
+            del result, raw
             del item
             release_after_batch(finished.nbytes)  # its frames and messages are gone: hand their pages back
             return finished
 
         known: dict[str, int | None] = {}  # versions as they will be once the in-flight batch commits
+        planned = False  # whether a plan was made in this run
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{self.spec.name}") as writer:
             try:
                 while True:
                     if caught_up and linger and hand_over():
                         break
                     if inflight is None:
-                        plan = self.plan(requested if not results else None)
+                        # the first plan reads the snapshot open_tables() took a moment ago
+                        plan = self.plan(requested if not results else None, refresh=planned)
+                        planned = True
                         if plan.empty and requested is not None and not results:
                             requested = None  # done elsewhere meanwhile: catch up from where Delta stands
                             plan = self.plan()
@@ -316,7 +324,10 @@ class BatchRunner:
                             continue  # the read-ahead assumed a commit that did not happen: re-plan from Delta
                     if plan.bounded:
                         known.update(self._versions_after(raw, plan))
-                        inflight = (result, raw, writer.submit(self._write, result, raw))
+                        committing = writer.submit(self._commit, result, raw)
+                        # the ledger row next on the writer thread, while this thread acknowledges the batch
+                        inflight = (result, raw, committing, writer.submit(self._record_once_committed, committing,
+                                                                           result, raw))
                     else:
                         self._finish(result, raw, None, results)
                         del raw  # not held through the next read
@@ -344,7 +355,8 @@ class BatchRunner:
                         lingered = lingered or caught_up
             finally:
                 if inflight is not None:
-                    self._finish(*inflight, results)
+                    result, raw, committing, recording = inflight
+                    self._finish(result, raw, committing, results, recording)
         self._drain(results)
         return results
 
@@ -363,14 +375,25 @@ class BatchRunner:
         self._describe(result, raw, Plan(ranges=list(raw.covered), bounded=False))
         self._finish(result, raw, None, results)
 
-    def repair_ledger(self) -> None:
-        """Record batches a crash left without their ledger row (committed to the target, not to the ledger)."""
+    def open_tables(self) -> None:
+        """Bring the target, quarantine and ledger tables to their latest versions, all at once: delta-rs lists
+        and replays each log without the GIL. The run's identity check, ledger repair and first plan then read
+        these snapshots instead of listing each log again (on local disk a listing covers every retained
+        commit)."""
+        readers = [self.target.table, self.quarantine.table] + ([self.ledger.table] if self.ledger else [])
+        with ThreadPoolExecutor(max_workers=len(readers), thread_name_prefix=f"open-{self.spec.name}") as pool:
+            for opened in [pool.submit(read) for read in readers]:
+                opened.result()
+
+    def repair_ledger(self, refresh: bool = True) -> None:
+        """Record batches a crash left without their ledger row (committed to the target, not to the ledger).
+        `refresh=False`: from the snapshots `open_tables` just read."""
         if self.ledger is None:
             return
         # Only this run's own partitions: another shard's batch may be between its target and ledger commits.
         app_ids = [p.app_id for p in self.source.state()]
-        repaired = self.ledger.repair(self.target.table(refresh=True), self.quarantine.location, app_ids,
-                                      target_location=self.target.location)
+        repaired = self.ledger.repair(self.target.table(refresh=refresh), self.quarantine.location, app_ids,
+                                      target_location=self.target.location, refresh=refresh)
         if repaired:
             self.ctx.info(f"{self.spec.name}: ledger rows rebuilt for batches {', '.join(repaired)}")
 
@@ -382,8 +405,10 @@ class BatchRunner:
         return versions
 
     def _finish(self, result: BatchResult, raw: RawBatch, future: Future[BatchResult] | None,
-                results: list[BatchResult]) -> BatchResult:
-        """Wait for the batch's commits, then acknowledge it to the broker (always on this thread)."""
+                results: list[BatchResult], recording: Future[None] | None = None) -> BatchResult:
+        """Wait for the batch's commits, then acknowledge it to the broker (always on this thread). A batch
+        committed on the writer thread has its ledger row written there meanwhile (`recording`): the
+        acknowledgement needs only the target commit, and a ledger row a crash leaves out is rebuilt."""
         if future is not None:
             future.result()
         else:
@@ -394,6 +419,8 @@ class BatchRunner:
             self.source.acknowledge(raw)
             result.stage_s["ack"] = time.monotonic() - t1
             fault_point("after_ack")
+        if recording is not None:
+            recording.result()
         result.duration_s = time.monotonic() - result.started_monotonic
         results.append(result)
         if result.messages or not self.linger_seconds:  # lingering polls would log every 0.5 s
@@ -433,7 +460,19 @@ class BatchRunner:
             result.lag_after = plan.lag_after
 
     def _write(self, result: BatchResult, raw: RawBatch) -> BatchResult:
-        """Decode, validate, fence against Delta, commit quarantine then target. No acknowledgement."""
+        """Commit the batch (`_commit`), then record it in the ledger. No acknowledgement."""
+        self._commit(result, raw)
+        if result.target_version is not None:
+            self._record(result, raw)
+        return result
+
+    def _record_once_committed(self, committing: Future[BatchResult], result: BatchResult, raw: RawBatch) -> None:
+        """The ledger row of a batch `_commit` committed (it ran before this, on the same writer thread)."""
+        if committing.exception() is None and result.target_version is not None:
+            self._record(result, raw)
+
+    def _commit(self, result: BatchResult, raw: RawBatch) -> BatchResult:
+        """Decode, validate, fence against Delta, commit quarantine then target. No ledger, no acknowledgement."""
         t1 = time.monotonic()
         good, bad = self._rows(raw, result)
         result.stage_s["decode_validate"] = time.monotonic() - t1
@@ -476,15 +515,15 @@ class BatchRunner:
             result.skipped = "another writer committed the same ranges first; re-planning"
             result.safe_to_ack = False  # our commit did not land: the broker must keep these messages
             return result
-        fault_point("before_ledger")
-        self._record(result, raw)
         result.stage_s["write"] = time.monotonic() - t1
         return result
 
     def _record(self, result: BatchResult, raw: RawBatch) -> None:
         """The batch's ledger row(s), after the target commit (a crash before this is repaired next run)."""
+        fault_point("before_ledger")
         if self.ledger is None:
             return
+        t1 = time.monotonic()
         self.ledger.append(ledger_rows(
             pipeline=self.spec.name, batch_id=result.batch_id, partition_key=result.partition_key, mode="live",
             status="committed", trigger=self.ctx.trigger, run_id=self.ctx.run_id, generation=None,
@@ -494,6 +533,7 @@ class BatchRunner:
             started_at=datetime.fromtimestamp(result.started_at, UTC),
             qos0_messages=result.counters.get("qos0_messages")),
             covered={r.app_id: r.end for r in raw.covered if r.count > 0})
+        result.stage_s["ledger"] = time.monotonic() - t1
 
     def _rows(self, raw: RawBatch, result: BatchResult,
               ingested_at: datetime | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:

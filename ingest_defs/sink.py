@@ -17,7 +17,7 @@ from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_d
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from ingest_defs import faults
-from ingest_defs.maintenance import commit_hooks
+from ingest_defs.maintenance import commit_hooks, table_properties
 from ingest_defs.storage import Location, location, table_location
 
 PROP_PREFIX = "ingest."
@@ -119,17 +119,20 @@ def commit_with_retries(attempt: Any, refresh: Any, describe: str, attempts: int
 class DeltaTableSink:
     """One Delta table (target or quarantine) of one pipeline."""
 
-    def __init__(self, uri: str | Location, pipeline: str, role: str, storage_options: dict[str, str] | None = None):
+    def __init__(self, uri: str | Location, pipeline: str, role: str, storage_options: dict[str, str] | None = None,
+                 properties: dict[str, str] | None = None):
         # A bare path or URI gets its storage options from the environment (storage.py), plus `storage_options`.
         self.location = uri if isinstance(uri, Location) else location(uri, storage_options)
         self.uri, self.pipeline, self.role = self.location.uri, pipeline, role
         self.storage_options = self.location.options
+        self.properties = properties or {}  # Delta table properties a table this sink creates starts with
         self._table: DeltaTable | None = None
 
     @classmethod
     def of(cls, spec: Any, role: str) -> DeltaTableSink:
-        """The pipeline's `target` or `quarantine` table, with the pipeline's storage options."""
-        return cls(table_location(spec, role), spec.name, role)
+        """The pipeline's `target` or `quarantine` table, with the pipeline's storage options; a table it
+        creates starts with the maintenance settings (checkpoint interval, retention), not delta-rs's defaults."""
+        return cls(table_location(spec, role), spec.name, role, properties=table_properties(spec.maintenance))
 
     # ------------------------------------------------------------ reading state
     def table(self, refresh: bool = True) -> DeltaTable | None:
@@ -151,8 +154,9 @@ class DeltaTableSink:
         return None if table is None else table.transaction_version(app_id)
 
     def check_identity(self, identity: dict[str, str]) -> None:
-        """Refuse a table written by another pipeline or source, or one whose txns could expire."""
-        table = self.table()
+        """Refuse a table written by another pipeline or source, or one whose txns could expire (the table as
+        last read: a table's identity and properties are set once, at creation)."""
+        table = self.table(refresh=False)
         if table is None:
             return
         config = table.metadata().configuration
@@ -189,7 +193,7 @@ class DeltaTableSink:
             raise SinkError(f"pipeline '{self.pipeline}': cannot create {self.role} table {self.uri}: {exc}") from exc
         table = self.location.open()
         assert table is not None
-        props = {PROP_PREFIX + "pipeline": self.pipeline, PROP_PREFIX + "role": self.role,
+        props = {**self.properties, PROP_PREFIX + "pipeline": self.pipeline, PROP_PREFIX + "role": self.role,
                  **{PROP_PREFIX + k: v for k, v in identity.items()}}
         for attempt in range(5):  # a concurrent first batch may commit in between; the properties are idempotent
             try:

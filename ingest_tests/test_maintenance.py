@@ -230,6 +230,22 @@ def _ledger_row(spec, offset: int) -> dict:
                        ingested_at=None, started_at=None, qos0_messages=None)[0]
 
 
+def test_tables_a_pipeline_creates_start_with_its_maintenance_settings(lake):
+    """Not only after the first maintenance run (hourly, or never when it is disabled): with delta-rs's default
+    checkpoint interval of 100, every open and commit of a new table replays up to 99 JSON commits."""
+    spec = kafka_spec(maintenance={"time_travel_hours": 5, "checkpoint_interval": 7})
+    target = DeltaTableSink.of(spec, "target")
+    target.ensure_exists(pl.DataFrame({"v": ["a"]}), {"kafka.topic": spec.source.kafka.topic})
+    ledger = Ledger.of(spec)
+    assert ledger.append([_ledger_row(spec, 0)], covered={"p/kafka/t/0": 0})
+    for uri in (target.uri, ledger.uri):
+        config = DeltaTable(uri).metadata().configuration
+        assert config["delta.checkpointInterval"] == "7", uri
+        assert config["delta.logRetentionDuration"] == "interval 5 hours", uri
+        assert config["delta.deletedFileRetentionDuration"] == "interval 5 hours", uri
+    assert DeltaTable(target.uri).metadata().configuration["ingest.kafka.topic"] == spec.source.kafka.topic
+
+
 def test_maintenance_of_a_table_not_created_yet_is_a_no_op(tmp_path: Path):
     report = maintain_table(str(tmp_path / "nothing"), MaintenanceSpec())
     assert report.before is None

@@ -239,3 +239,30 @@ def test_a_repair_racing_a_live_batch_records_it_once_and_a_shard_never_repairs_
     assert DeltaTable(ledger_uri).transaction_version("p/kafka/t/1") == 4
     # and nothing is behind any more: a repair finds nothing to scan
     assert shard1.repair(target.table(), str(tmp_path / "q"), ["p/kafka/t/1"]) == []
+
+
+def test_a_ledger_append_on_a_stale_snapshot_neither_doubles_a_record_nor_fails_on_a_lower_one(tmp_path: Path):
+    """A live batch's ledger append commits on the snapshot its run read at the start (no listing of the log
+    per batch). Records made meanwhile by another writer on the same app ids must still be seen: the same
+    offsets are not recorded twice, and a record of lower offsets is no reason to fail the batch."""
+    uri = str(tmp_path / "t_ledger")
+
+    def record(ledger: Ledger, batch_id: str, r: PartitionRange) -> bool:
+        return ledger.append(ledger_rows(
+            pipeline="p", batch_id=batch_id, partition_key="2026-12-01", mode="live", status="committed",
+            trigger="test", run_id="", generation=None, covered=[r], stats={}, rows_written=r.count,
+            rows_quarantined=0, target_version=None, quarantine_version=None, ingested_at=None), covered={r.app_id: r.end})
+
+    live, other = Ledger(uri, "p"), Ledger(uri, "p")
+    assert record(live, "b0", PartitionRange("p/kafka/t/0", 0, 0, 9))
+    live_version = live.table(refresh=False).version()  # the live run's snapshot, read once
+    # another writer (a replay's repair) records the live run's next batch first: the live append finds it
+    assert record(other, "b1", PartitionRange("p/kafka/t/0", 0, 10, 19))
+    assert live.table(refresh=False).version() == live_version  # still stale
+    assert not record(live, "b1", PartitionRange("p/kafka/t/0", 0, 10, 19))
+    # another writer records lower offsets of the same id than the live batch covers: the live batch records
+    assert record(other, "b2", PartitionRange("p/kafka/t/0", 0, 20, 24))
+    assert record(live, "b3", PartitionRange("p/kafka/t/0", 0, 25, 29))
+    rows = pl.read_delta(uri)
+    assert sorted(rows["batch_id"].to_list()) == ["b0", "b1", "b2", "b3"]
+    assert DeltaTable(uri).transaction_version("p/kafka/t/0") == 29

@@ -216,13 +216,14 @@ def s3(quick: bool, results: dict[str, Any]) -> dict[str, Any]:
                           _fmt(r.get("dagster_rate"), ",.0f"), _fmt(r.get("ratio_b"), ".2f"))
     console.print(table)
     table = Table("storage", "last 100 median ms", "last 100 p95 ms", "open+plan", "read", "decode+validate",
-                  "write (commits)", "ack", "files at end",
+                  "write (commits)", "ledger", "ack", "files at end",
                   title="Per-batch overhead, maintenance on: local disk vs S3 (stage medians, ms)")
     for label, r in (("local disk", local_overhead), ("S3", overhead_rows[0])):
         if r is not None:
             st = r.get("last100_stage_median_ms", {})
             table.add_row(label, f"{r['last100_median_ms']:.1f}", f"{r['last100_p95_ms']:.1f}",
-                          *(_fmt(st.get(k), ".1f") for k in ("open_plan", "read", "decode_validate", "write", "ack")),
+                          *(_fmt(st.get(k), ".1f") for k in ("open_plan", "read", "decode_validate", "write", "ledger",
+                                                             "ack")),
                           str(r["files_at_end"]))
     console.print(table)
     return {"throughput": [kafka], "overhead": overhead_rows}
