@@ -108,6 +108,13 @@ def partition_stats(frame: pl.DataFrame) -> dict[int, PartitionStats]:
             for row in agg.iter_rows(named=True)}
 
 
+# File statistics only for the columns the ledger is filtered by. delta-rs parses every file's statistics
+# since the last checkpoint on each open and commit: with all 25 columns an append took 91 ms after 150
+# uncompacted files, with these four 43 ms (measured; a ledger gets ~360 files an hour of 10 s batches).
+STATS_COLUMNS_PROP = "delta.dataSkippingStatsColumns"
+LEDGER_STATS_COLUMNS = "batch_id,partition_key,mode,app_id"
+
+
 class Ledger:
     """The ledger table of one pipeline."""
 
@@ -126,7 +133,7 @@ class Ledger:
         """The pipeline's ledger table, with the pipeline's storage options and, when this creates it, the
         maintenance settings as table properties."""
         return cls(table_location(spec, "ledger"), spec.name, partition_of=partition_of,
-                   properties=table_properties(spec.maintenance))
+                   properties={**table_properties(spec.maintenance), STATS_COLUMNS_PROP: LEDGER_STATS_COLUMNS})
 
     def table(self, refresh: bool = True) -> DeltaTable | None:
         """The ledger table at its latest version (opened once, then refreshed incrementally), or as last
