@@ -5,7 +5,8 @@ timestamp, trigger, mode, ingestion-time partition, Delta versions and Dagster r
 Backfills find a partition's batches here (commit metadata is not in checkpoints and log cleanup removes
 it, so it cannot be the record). Replays add rows with `mode = replay` and the same batch id.
 
-When it is written: after the target commit, before the broker acknowledgement, in a commit of its own
+When it is written: after the target commit (for bounded sources on the writer thread while the broker
+acknowledgement goes out, which needs only the target commit; otherwise before it), in a commit of its own
 carrying the batch's own transaction ids — the target's per-partition app ids, each at the last offset the
 batch covered — so the ledger is fenced exactly like the target: a batch's rows are recorded once, however
 many writers try (shards of one pipeline write disjoint ids; a repair racing a live batch on the same ids
@@ -22,6 +23,7 @@ after, so the commit metadata it needs is always still in the log. Ledgers writt
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -108,11 +110,15 @@ def partition_stats(frame: pl.DataFrame) -> dict[int, PartitionStats]:
             for row in agg.iter_rows(named=True)}
 
 
-# File statistics only for the columns the ledger is filtered by. delta-rs parses every file's statistics
-# since the last checkpoint on each open and commit: with all 25 columns an append took 91 ms after 150
-# uncompacted files, with these four 43 ms (measured; a ledger gets ~360 files an hour of 10 s batches).
+# File statistics only for four columns (lookups by batch id, partition and app id). delta-rs parses every
+# file's statistics since the last checkpoint on each open and commit: with all 25 columns an append took
+# 91 ms after 150 uncompacted files, with these four 43 ms (measured; a ledger gets ~360 files an hour of
+# 10 s batches). Filters on other columns (ranges, timestamps, status) read every file: a ledger is small.
 STATS_COLUMNS_PROP = "delta.dataSkippingStatsColumns"
 LEDGER_STATS_COLUMNS = "batch_id,partition_key,mode,app_id"
+# A live append commits on the ledger snapshot last read or written if it is this recent (no listing of the
+# log per batch); an older one is refreshed first.
+SNAPSHOT_REUSE_SECONDS = 60.0
 
 
 class Ledger:
@@ -127,6 +133,7 @@ class Ledger:
         self.legacy_app_id = f"{pipeline}/ledger"  # before per-partition ids: the target version recorded
         self.properties = properties or {}  # Delta table properties the ledger starts with when this creates it
         self._table: DeltaTable | None = None
+        self._read_at = 0.0  # monotonic time the snapshot was last read or moved by our own append
 
     @classmethod
     def of(cls, spec: Any, partition_of: Callable[[datetime], str] | None = None) -> Ledger:
@@ -140,9 +147,11 @@ class Ledger:
         read with `refresh=False`."""
         if self._table is None:
             self._table = self.location.open()
+            self._read_at = time.monotonic()
         elif refresh:
             with self.location.failures("reading"):
                 self._table.update_incremental()
+            self._read_at = time.monotonic()
         return self._table
 
     def recorded(self, app_ids: Iterable[str], refresh: bool = True) -> dict[str, int | None]:
@@ -187,11 +196,14 @@ class Ledger:
         # start, each append moves it), saving a listing of its log per batch. A record made meanwhile by another
         # writer of these app ids fails that commit on its transaction; the second try starts from a refreshed
         # snapshot. A commit lost to other app ids is retried inside commit_with_retries.
-        for fresh in (False, True):
+        # An old snapshot is refreshed first all the same: log cleanup may have removed the commits after it.
+        recent = time.monotonic() - self._read_at < SNAPSHOT_REUSE_SECONDS
+        for fresh in (not recent, True):
             try:
                 prepare(refresh=fresh)
                 commit_with_retries(attempt, prepare,
                                     f"pipeline '{self.pipeline}': recording batches in the ledger {self.uri}")
+                self._read_at = time.monotonic()  # write_deltalake moved the table to the version it wrote
                 return True
             except ConcurrentBatchError:
                 # Another writer (a repair, or a second run of these partitions) recorded offsets of these ids.

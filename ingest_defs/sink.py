@@ -154,8 +154,8 @@ class DeltaTableSink:
         return None if table is None else table.transaction_version(app_id)
 
     def check_identity(self, identity: dict[str, str]) -> None:
-        """Refuse a table written by another pipeline or source, or one whose txns could expire (the table as
-        last read: a table's identity and properties are set once, at creation)."""
+        """Refuse a table written by another pipeline or source, or one whose txns could expire. Reads the table
+        as last read (a run checks it right after `open_tables`), or opens it."""
         table = self.table(refresh=False)
         if table is None:
             return

@@ -249,6 +249,20 @@ def test_tables_a_pipeline_creates_start_with_its_maintenance_settings(lake):
     assert add["min.batch_id"] == "b0" and "min.range_start" not in add
 
 
+def test_ledger_filters_on_columns_without_statistics_find_every_row_across_checkpoints(lake):
+    """The ledger keeps statistics for four columns; filters on the others (ranges, partition, status) must
+    still find every row, in files written before and after its checkpoints (every 10 commits)."""
+    spec = kafka_spec()
+    ledger = Ledger.of(spec)
+    for offset in range(25):
+        assert ledger.append([_ledger_row(spec, offset)], covered={"p/kafka/t/0": offset})
+    assert len(list(Path(ledger.uri, "_delta_log").glob("*.checkpoint.parquet"))) == 2
+    hits = ledger.live_batches((pl.col("range_end") >= 5) & (pl.col("range_start") <= 14))
+    assert [b.batch_id for b in hits] == [f"b{i}" for i in range(5, 15)]
+    assert len(ledger.live_batches(pl.col("source_partition") == 0)) == 25
+    assert ledger.frame(pl.col("status") == "committed").height == 25
+
+
 def test_maintenance_of_a_table_not_created_yet_is_a_no_op(tmp_path: Path):
     report = maintain_table(str(tmp_path / "nothing"), MaintenanceSpec())
     assert report.before is None

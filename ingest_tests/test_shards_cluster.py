@@ -199,7 +199,7 @@ def test_sharded_pipeline_on_the_cluster_survives_a_leader_kill_a_killed_run_and
         # the committed offsets survive the loss of a node (`__consumer_offsets` has RF 3)
         after = wait_until(lambda: _offsets_or_none(kafka_cluster, spec), 60, "the group coordinator to move")
         assert all(after.get(p, -1) >= o for p, o in before.items()), (before, after)
-        os.kill(int(committed.read_text()), signal.SIGKILL)  # shard 1's run dies between its two commits
+        os.kill(int(committed.read_text()), signal.SIGKILL)  # shard 1's run dies between Delta and offset commits
         committed.with_suffix(".done").write_text("")  # later runs of shard 1 go through
         committed.unlink()
         assert manager.up(cluster=True) == 0  # the killed node restarts and rejoins

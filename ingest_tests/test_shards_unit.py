@@ -200,6 +200,14 @@ def test_the_retry_cap_ends_in_a_clear_failure_and_nothing_is_written(tmp_path: 
 
 
 # ---------------------------------------------------------------- the ledger's fence
+def _live_record(ledger: Ledger, batch_id: str, r: PartitionRange) -> bool:
+    """A live batch's ledger row for range `r`, fenced on its app id as the batch runner records it."""
+    return ledger.append(ledger_rows(
+        pipeline="p", batch_id=batch_id, partition_key="2026-12-01", mode="live", status="committed",
+        trigger="test", run_id="", generation=None, covered=[r], stats={}, rows_written=r.count,
+        rows_quarantined=0, target_version=None, quarantine_version=None, ingested_at=None), covered={r.app_id: r.end})
+
+
 def test_a_repair_racing_a_live_batch_records_it_once_and_a_shard_never_repairs_anothers_batch(tmp_path: Path):
     target_uri, ledger_uri = str(tmp_path / "t"), str(tmp_path / "t_ledger")
     target = DeltaTableSink(target_uri, "p", "target")
@@ -217,15 +225,9 @@ def test_a_repair_racing_a_live_batch_records_it_once_and_a_shard_never_repairs_
                                                "ingest.ranges": json.dumps([r.as_dict()]), "ingest.trigger": "test"})
         return r
 
-    def live_record(ledger: Ledger, batch_id: str, r: PartitionRange) -> bool:
-        return ledger.append(ledger_rows(
-            pipeline="p", batch_id=batch_id, partition_key="2026-12-01", mode="live", status="committed",
-            trigger="test", run_id="", generation=None, covered=[r], stats={}, rows_written=r.count,
-            rows_quarantined=0, target_version=None, quarantine_version=None, ingested_at=None), covered={r.app_id: r.end})
-
     shard0, shard1 = Ledger(ledger_uri, "p"), Ledger(ledger_uri, "p")
     first = commit("b0", 0, 0, 9)
-    assert live_record(shard0, "b0", first)
+    assert _live_record(shard0, "b0", first)
     # shard 1's batch is committed to the target and not yet to the ledger (in flight) ...
     inflight = commit("b1", 1, 0, 4)
     # ... shard 0's next run repairs only its own partitions: it must not rebuild shard 1's row
@@ -233,7 +235,7 @@ def test_a_repair_racing_a_live_batch_records_it_once_and_a_shard_never_repairs_
     # a replay repairs every partition and rebuilds it (the shard's process may have died) ...
     assert Ledger(ledger_uri, "p").repair(target.table(), str(tmp_path / "q"), [f"p/kafka/t/{i}" for i in range(3)]) == ["b1"]
     # ... and the live shard, arriving late, finds its offsets recorded: no second row
-    assert not live_record(shard1, "b1", inflight)
+    assert not _live_record(shard1, "b1", inflight)
     ledger = pl.read_delta(ledger_uri)
     assert sorted(ledger["batch_id"].to_list()) == ["b0", "b1"]
     assert DeltaTable(ledger_uri).transaction_version("p/kafka/t/1") == 4
@@ -247,22 +249,16 @@ def test_a_ledger_append_on_a_stale_snapshot_neither_doubles_a_record_nor_fails_
     offsets are not recorded twice, and a record of lower offsets is no reason to fail the batch."""
     uri = str(tmp_path / "t_ledger")
 
-    def record(ledger: Ledger, batch_id: str, r: PartitionRange) -> bool:
-        return ledger.append(ledger_rows(
-            pipeline="p", batch_id=batch_id, partition_key="2026-12-01", mode="live", status="committed",
-            trigger="test", run_id="", generation=None, covered=[r], stats={}, rows_written=r.count,
-            rows_quarantined=0, target_version=None, quarantine_version=None, ingested_at=None), covered={r.app_id: r.end})
-
     live, other = Ledger(uri, "p"), Ledger(uri, "p")
-    assert record(live, "b0", PartitionRange("p/kafka/t/0", 0, 0, 9))
+    assert _live_record(live, "b0", PartitionRange("p/kafka/t/0", 0, 0, 9))
     live_version = live.table(refresh=False).version()  # the live run's snapshot, read once
     # another writer (a replay's repair) records the live run's next batch first: the live append finds it
-    assert record(other, "b1", PartitionRange("p/kafka/t/0", 0, 10, 19))
+    assert _live_record(other, "b1", PartitionRange("p/kafka/t/0", 0, 10, 19))
     assert live.table(refresh=False).version() == live_version  # still stale
-    assert not record(live, "b1", PartitionRange("p/kafka/t/0", 0, 10, 19))
+    assert not _live_record(live, "b1", PartitionRange("p/kafka/t/0", 0, 10, 19))
     # another writer records lower offsets of the same id than the live batch covers: the live batch records
-    assert record(other, "b2", PartitionRange("p/kafka/t/0", 0, 20, 24))
-    assert record(live, "b3", PartitionRange("p/kafka/t/0", 0, 25, 29))
+    assert _live_record(other, "b2", PartitionRange("p/kafka/t/0", 0, 20, 24))
+    assert _live_record(live, "b3", PartitionRange("p/kafka/t/0", 0, 25, 29))
     rows = pl.read_delta(uri)
     assert sorted(rows["batch_id"].to_list()) == ["b0", "b1", "b2", "b3"]
     assert DeltaTable(uri).transaction_version("p/kafka/t/0") == 29
