@@ -33,7 +33,7 @@ import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from ingest_defs.maintenance import commit_hooks, table_properties
-from ingest_defs.sink import ConcurrentBatchError, commit_with_retries
+from ingest_defs.sink import ConcurrentBatchError, TxnVersions, commit_with_retries
 from ingest_defs.sources.base import PartitionRange
 from ingest_defs.storage import Location, location, table_location
 
@@ -134,6 +134,7 @@ class Ledger:
         self.properties = properties or {}  # Delta table properties the ledger starts with when this creates it
         self._table: DeltaTable | None = None
         self._read_at = 0.0  # monotonic time the snapshot was last read or moved by our own append
+        self._txn_versions = TxnVersions()  # looked up once per ledger version, not once per append
 
     @classmethod
     def of(cls, spec: Any, partition_of: Callable[[datetime], str] | None = None) -> Ledger:
@@ -156,8 +157,10 @@ class Ledger:
 
     def recorded(self, app_ids: Iterable[str], refresh: bool = True) -> dict[str, int | None]:
         """Per source app id, the last offset whose batch the ledger records (None: none yet)."""
-        table = self.table(refresh)
-        return {a: None if table is None else table.transaction_version(a) for a in app_ids}
+        return self._versions(self.table(refresh), app_ids)
+
+    def _versions(self, table: DeltaTable | None, app_ids: Iterable[str]) -> dict[str, int | None]:
+        return dict.fromkeys(app_ids) if table is None else self._txn_versions.of(table, app_ids)
 
     # ------------------------------------------------------------ writing
     def append(self, rows: list[dict[str, Any]], covered: dict[str, int] | None = None) -> bool:
@@ -172,13 +175,14 @@ class Ledger:
 
         def prepare(refresh: bool = True) -> None:
             state["table"] = table = self.table(refresh)
-            stored = {a: None if table is None else table.transaction_version(a) for a in covered}
+            state["version"] = None if table is None else table.version()
+            stored = self._versions(table, covered)
             if covered and all(v is not None and v >= covered[a] for a, v in stored.items()):
                 raise ConcurrentBatchError("already recorded")
             # transaction_version is not monotonic: never write a lower version than the ledger holds
-            txns = [Transaction(a, end if stored[a] is None else max(end, stored[a])) for a, end in covered.items()]
-            state["props"] = CommitProperties(app_transactions=txns or None,
-                                              custom_metadata={"ingest.pipeline": self.pipeline})
+            state["txns"] = {a: end if stored[a] is None else max(end, stored[a]) for a, end in covered.items()}
+            state["props"] = CommitProperties(app_transactions=[Transaction(a, v) for a, v in state["txns"].items()]
+                                              or None, custom_metadata={"ingest.pipeline": self.pipeline})
 
         def attempt() -> None:
             table = state["table"]
@@ -204,6 +208,7 @@ class Ledger:
                 commit_with_retries(attempt, prepare,
                                     f"pipeline '{self.pipeline}': recording batches in the ledger {self.uri}")
                 self._read_at = time.monotonic()  # write_deltalake moved the table to the version it wrote
+                self._txn_versions.committed(self._table, state["version"], state["txns"])
                 return True
             except ConcurrentBatchError:
                 # Another writer (a repair, or a second run of these partitions) recorded offsets of these ids.

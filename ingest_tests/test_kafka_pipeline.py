@@ -163,6 +163,22 @@ def test_sensor_requests_nothing_without_lag_and_one_run_per_range(lake, instanc
         assert isinstance(sensor(ctx), dg.SkipReason)
 
 
+def test_a_wide_topic_with_messages_larger_than_a_partition_fetch_lands_every_message(lake, instance):
+    """64 partitions make the consumer ask 32 kB per partition per fetch (see prefetch_settings): messages of
+    150 kB must still come whole (the broker sends a record batch larger than the size asked), and small
+    batches, whose ranges end inside a fetch, must neither lose nor double a message."""
+    spec = kafka_spec(partitions=64, batch={"max_messages": 150})
+    samples = make_samples(spec, 640, seed=3)
+    # JSON allows whitespace between members: every 16th message is padded past the per-partition fetch
+    payloads = [p[:-1] + b" " * 150_000 + b"}" if i % 16 == 0 else p for i, p in enumerate(samples.payloads)]
+    produced = produce(spec, payloads, samples.keys)
+    runs = run_until_caught_up(spec, instance)
+    assert len(runs) >= 5
+    target, quarantine = assert_exactly_once(spec, produced)
+    assert quarantine.height == 0
+    assert sorted(target["id"].to_list()) == sorted(json.loads(p)["id"] for p in payloads)
+
+
 def test_aborted_transactions_never_land_and_the_batch_still_ends_exactly(lake, instance):
     spec = kafka_spec(partitions=1)
     rows = lambda start: [json.dumps({"id": i, "event": "click", "value": 1}).encode() for i in range(start, start + 10)]  # noqa: E731

@@ -98,6 +98,19 @@ def test_prefetch_follows_the_batch():
     assert prefetch_settings(1 << 40)["queued.max.messages.kbytes"] == 8192
 
 
+def test_a_fetch_of_every_partition_asks_about_one_queue_of_bytes():
+    """The per-partition fetch shares the queue's bytes over the partitions read: one partition keeps
+    librdkafka's 1 MB, 64 partitions ask 32 kB each (at 1 MB each, a fetch of 64 brought 64× the queue,
+    mostly parsed and thrown away when ranges ended), never below 32 kB, never above 1 MB."""
+    fetch = "max.partition.fetch.bytes"
+    assert prefetch_settings(64 << 20, 1)[fetch] == 1 << 20
+    assert prefetch_settings(64 << 20, 4)[fetch] == 256 << 10
+    assert prefetch_settings(64 << 20, 64)[fetch] == 32 << 10
+    assert prefetch_settings(64 << 20, 1000)[fetch] == 32 << 10
+    assert prefetch_settings(1 << 40, 64)[fetch] == 128 << 10  # an 8 MB queue over 64 partitions
+    assert prefetch_settings(1 << 40, 0)[fetch] == 1 << 20
+
+
 def test_a_full_prefetch_queue_is_refilled_without_the_default_one_second_backoff():
     """The small queue fills many times per batch; each time librdkafka waits `fetch.queue.backoff.ms`
     before fetching that partition again (1 s by default: a stall per refill). It must stay far below the

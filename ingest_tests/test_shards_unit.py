@@ -5,6 +5,7 @@ per-partition fence between a live batch and a repair."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -241,6 +242,63 @@ def test_a_repair_racing_a_live_batch_records_it_once_and_a_shard_never_repairs_
     assert DeltaTable(ledger_uri).transaction_version("p/kafka/t/1") == 4
     # and nothing is behind any more: a repair finds nothing to scan
     assert shard1.repair(target.table(), str(tmp_path / "q"), ["p/kafka/t/1"]) == []
+
+
+def test_the_versions_a_ledger_remembers_between_its_appends_are_the_tables_at_every_step(tmp_path: Path):
+    """A ledger remembers its app ids' versions per ledger version instead of looking each up again on every
+    append. Two writers appending in a random order, on shared and on their own ids: what each reports, at
+    its own snapshot and at the latest, is what the table holds at that version."""
+    uri = str(tmp_path / "t_ledger")
+    rng = random.Random(11)
+    writers = [Ledger(uri, "p"), Ledger(uri, "p")]
+    ids = [f"p/kafka/t/{p}" for p in range(4)]
+    ends = dict.fromkeys(ids, -1)
+    for step in range(40):
+        w = rng.randrange(2)
+        app_id = rng.choice(ids[:2] + [ids[2 + w]])  # two shared ids, one of each writer's own
+        start = ends[app_id] + 1 if rng.random() < 0.8 else max(0, ends[app_id] - 5)  # sometimes lower offsets
+        r = PartitionRange(app_id, int(app_id[-1]), start, start + rng.randrange(1, 10))
+        _live_record(writers[w], f"b{step}", r)
+        ends[app_id] = max(ends[app_id], r.end)
+        for ledger in writers:
+            at = ledger.table(refresh=False)
+            if at is None:
+                continue
+            truth = DeltaTable(uri, version=at.version())
+            assert ledger.recorded(ids, refresh=False) == {a: truth.transaction_version(a) for a in ids}, step
+    latest = DeltaTable(uri)
+    for ledger in writers:
+        assert ledger.recorded(ids) == {a: latest.transaction_version(a) for a in ids}
+    assert {a: latest.transaction_version(a) for a in ids} == {a: e if e >= 0 else None for a, e in ends.items()}
+
+
+def test_the_versions_a_sink_remembers_between_its_commits_are_the_tables_at_every_step(tmp_path: Path):
+    """The same for a target table: two writers committing batches fenced on the versions they read, in a
+    random order; a batch whose ids another writer moved fails (ConcurrentBatchError), every other lands."""
+    uri = str(tmp_path / "t")
+    rng = random.Random(5)
+    writers = [DeltaTableSink(uri, "p", "target"), DeltaTableSink(uri, "p", "target")]
+    ids = [f"p/kafka/t/{p}" for p in range(4)]
+    frame = pl.DataFrame({"x": [1]})
+    writers[0].ensure_exists(frame, {})
+    expected: dict[str, int | None] = dict.fromkeys(ids)
+    for step in range(40):
+        w = rng.randrange(2)
+        sink = writers[w]
+        chosen = rng.sample(ids[:2] + [ids[2 + w]], rng.randrange(1, 3))
+        fence = sink.versions(chosen, refresh=rng.random() < 0.5)  # sometimes a snapshot another writer moved
+        txns = {a: (fence[a] or 0) + rng.randrange(1, 10) for a in chosen}
+        try:
+            sink.append(frame, txns, {}, fence=fence)
+            expected.update(txns)
+        except ConcurrentBatchError:
+            pass
+        for other in writers:
+            at = other.table(refresh=False)
+            truth = DeltaTable(uri, version=at.version())
+            assert other.versions(ids, refresh=False) == {a: truth.transaction_version(a) for a in ids}, step
+    for sink in writers:
+        assert sink.versions(ids) == expected
 
 
 def test_a_ledger_append_on_a_stale_snapshot_neither_doubles_a_record_nor_fails_on_a_lower_one(tmp_path: Path):
