@@ -280,6 +280,28 @@ def test_fast_and_plain_delivery_paths_read_the_same_batch(lake, monkeypatch):
     assert payloads == [m[1] for m in messages[10:70]]
 
 
+def test_a_range_read_gets_no_more_than_its_range_from_the_server(lake, monkeypatch):
+    """The server pushes a range consumer's messages as fast as flow control lets it; without a bound it goes
+    on past the range until the consumer is deleted, and the client parses and drops all of that (half
+    again of a 300k read). The range's consumer is bounded by `max_ack_pending`: what the client receives
+    is the range and the API replies around it."""
+    monkeypatch.setenv("INGEST_NATS_FAST_PATH", "0")  # nats-py then counts every delivery in stats["in_msgs"]
+    spec = nats_spec(batch={"max_messages": 500})
+    ensure_exists(spec)
+    seqs = publish([(f"{spec.name}.evt", json.dumps({"id": i, "event": "click", "value": i}).encode(), None)
+                    for i in range(20_000)], stream_of(spec))
+    source = source_for(spec)
+    try:
+        plan = source.plan(lambda _app_id: None, 500)
+        raw = source.read(plan, 1 << 30)
+        source.state()  # a round trip more: deliveries still in flight are received by now
+        received = source._nc.stats["in_msgs"]
+    finally:
+        source.close()
+    assert raw.offsets.tolist() == seqs[:500]
+    assert received <= 500 + 50, received
+
+
 # ------------------------------------------------------------ crashes
 @pytest.mark.parametrize("retention", ["limits", "workqueue"])
 def test_crash_after_delta_commit_before_ack_doubles_nothing(lake, instance, tmp_path: Path, retention: str):

@@ -19,9 +19,11 @@ Limits streams (`retention: limits`): exact ranges
 - plan: stream info (first/last sequence) and the Delta version give an inclusive `[start, end]` of at most
   `max_messages` sequences. Version below first − 1 → `Gap` (retention/purge). Version above the last
   sequence → `SourceError` (stream recreated or truncated below us).
-- read: an ephemeral push consumer (AckPolicy none, flow control answered by this reader only after the
-  messages before the request were processed, heartbeats, memory storage) from `start` with the pipeline's
-  subject filter. The filter makes sequences sparse, so the range end is found from the delivery metadata
+- read: an ephemeral push consumer (flow control answered by this reader only after the messages before the
+  request were processed, heartbeats, memory storage) from `start` with the pipeline's subject filter, with
+  AckPolicy all, `max_ack_pending` the range's length and no ack ever sent: the server delivers at most the
+  range. (With AckPolicy none it kept pushing past the range until the consumer was gone: a 300k read
+  parsed ~150k deliveries more and dropped them, 210k msg/s against 275k now.) The filter makes sequences sparse, so the range end is found from the delivery metadata
   rather than from a message at `end`: a delivery with sequence ≥ end ends the range; a delivery whose
   `num_pending` is 0 means nothing matching the filter exists after it, so the range is covered up to `end`;
   a consumer created with `num_pending` 0 covers the range at once; on a stall, a consumer that delivered
@@ -695,7 +697,9 @@ class NatsSource:
                     deliver_subject=inbox,
                     deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                     opt_start_seq=start,
-                    ack_policy=api.AckPolicy.NONE,
+                    # never acked: max_ack_pending stops the server at the range's length (see module doc)
+                    ack_policy=api.AckPolicy.ALL,
+                    max_ack_pending=planned.end - start + 1,
                     max_deliver=1,
                     filter_subject=self.subject,
                     flow_control=True,
