@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+from typing import Any
+
 import pytest
 from nats.aio.client import Client
 from nats.js import api
@@ -10,6 +14,7 @@ from ingest_defs.sources.nats import (
     _drifted,
     fast_path_supported,
     headers_from_dict,
+    install_frame_scanner,
     parse_ack_reply,
     parse_headers,
     subject_for,
@@ -65,3 +70,105 @@ def test_the_pinned_nats_py_supports_the_fast_path(monkeypatch):
     assert fast_path_supported(Client())
     monkeypatch.setenv("INGEST_NATS_FAST_PATH", "0")
     assert not fast_path_supported(Client())
+
+
+# ---------------------------------------------------------------- the frame scanner
+class _Recorder:
+    """What nats-py's parser calls on its client, recorded in order (a pure-logic stand-in for the client's
+    callbacks: no connection, no broker)."""
+
+    def __init__(self, handlers: dict[int, Any]) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.handlers = handlers
+
+    async def _process_msg(self, sid, subject, reply, data, headers):
+        entry = self.handlers.get(sid)
+        if entry is None:
+            self.events.append(("other", sid, subject, reply, data, headers))
+            return
+        out = entry[1](subject, reply, data, parse_headers(headers) if headers else None)
+        if out:
+            await self.publish(out.decode())
+
+    async def publish(self, subject: str) -> None:
+        self.events.append(("publish", subject))
+
+    async def _process_ping(self):
+        self.events.append(("ping",))
+
+    async def _process_pong(self):
+        self.events.append(("pong",))
+
+    async def _process_err(self, err):
+        self.events.append(("err", err))
+
+    async def _process_info(self, info):
+        self.events.append(("info", info))
+
+
+def _wire() -> bytes:
+    """Frames of every shape: ours with and without reply and headers, flow control, another subscription's
+    message, control lines, payloads holding CRLF and protocol words, an empty payload."""
+    frames = [b"INFO {\"server_id\":\"x\"}\r\n", b"+OK\r\n"]
+    for i in range(40):
+        payload = [b"{\"id\":%d}" % i, b"MSG 1 2 3\r\nPING\r\n", b"", b"x" * 300][i % 4]
+        if i % 5 == 0:
+            headers = b"NATS/1.0\r\nNats-Msg-Id: m-%d\r\nk: v\r\n\r\n" % i
+            frames.append(b"HMSG s.%d 7 $JS.ACK.S.c.1.%d.%d.1700000000000000000.0 %d %d\r\n%s%s\r\n"
+                          % (i, i + 1, i + 1, len(headers), len(headers) + len(payload), headers, payload))
+        elif i % 7 == 0:
+            frames.append(b"MSG other 9 _INBOX.r %d\r\n%s\r\n" % (len(payload), payload))  # not ours
+        elif i % 11 == 0:
+            frames.append(b"MSG s.%d 7 %d\r\n%s\r\n" % (i, len(payload), payload))  # no reply
+        else:
+            frames.append(b"MSG s.%d 7 $JS.ACK.S.c.1.%d.%d.1700000000000000000.0 %d\r\n%s\r\n"
+                          % (i, i + 1, i + 1, len(payload), payload))
+        if i % 13 == 0:
+            fc = b"NATS/1.0 100 FlowControl Request\r\n\r\n"
+            frames.append(b"HMSG fc 7 $JS.FC.S.c.%d %d %d\r\n%s\r\n" % (i, len(fc), len(fc), fc))
+        if i % 17 == 0:
+            frames.append(b"PING\r\n")
+    return b"".join(frames)
+
+
+def _parse_in_chunks(wire: bytes, cuts: list[int], fast: bool) -> list[tuple[Any, ...]]:
+    from nats.protocol.parser import Parser
+
+    handlers: dict[int, Any] = {}
+    recorder = _Recorder(handlers)
+
+    def handle(subject, reply, data, headers):
+        recorder.events.append(("ours", subject, reply, data, headers))
+        return reply if reply.startswith(b"$JS.FC.") else None  # answer flow control, as a reader does
+
+    handlers[7] = (None, handle)
+    parser = Parser(recorder)
+    if fast:
+        install_frame_scanner(parser, handlers, recorder.publish)
+
+    async def feed() -> None:
+        for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            await parser.parse(wire[a:b])
+
+    asyncio.run(feed())
+    assert not parser.buf, "everything parsed"
+    return recorder.events
+
+
+def test_the_frame_scanner_hands_over_what_nats_py_parser_would_however_the_reads_are_cut():
+    """The scanner replaces nats-py's parser for our subscriptions' frames: for any way the socket reads cut
+    the stream (every single cut, then random cuts down to 1 byte), the deliveries, their order, the flow
+    control answers and everything handed to nats-py (pings, other subscriptions) are the same."""
+    wire = _wire()
+    reference = _parse_in_chunks(wire, [], fast=False)
+    kinds = [e[0] for e in reference]
+    others = [i for i in range(40) if i % 5 and not i % 7]
+    flow_control = [i for i in range(40) if not i % 13]
+    assert kinds.count("ours") == 40 - len(others) + len(flow_control) and kinds.count("other") == len(others)
+    assert kinds.count("publish") == len(flow_control) and kinds.count("ping") == 3 and kinds[:1] == ["info"]
+    for cut in range(1, len(wire)):
+        assert _parse_in_chunks(wire, [cut], fast=True) == reference, cut
+    rng = random.Random(3)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(wire)), rng.randrange(1, 200)))
+        assert _parse_in_chunks(wire, cuts, fast=True) == reference, cuts

@@ -69,9 +69,11 @@ WorkQueue and Interest streams: the durable is the reader
 Speed
 -----
 nats-py builds a Msg object, queues it and switches to the subscription's task for every delivery. Our
-reading subscriptions instead take deliveries straight from nats-py's protocol parser (`Client._process_msg`,
-checked against the installed nats-py by `fast_path_supported`; `INGEST_NATS_FAST_PATH=0` or another nats-py
-falls back to plain subscriptions, same results). Handlers are synchronous and append to packed columns, so
+reading subscriptions instead take deliveries straight from nats-py's protocol parser: their MSG/HMSG frames
+are cut from the parser's buffer in one pass per socket read (`take_frames`, no regex or coroutine per
+message), and anything else goes through nats-py's parser and `Client._process_msg` (both checked against
+the installed nats-py by `fast_path_supported`; `INGEST_NATS_FAST_PATH=0` or another nats-py falls back to
+plain subscriptions, same results). Handlers are synchronous and append to packed columns, so
 deliveries are handled strictly in order and a flow-control request is answered only after everything
 before it was handled (real back-pressure). Acks go out as one buffer of `PUB <reply> 0` commands. Measured
 here: about 1.4× the bare ordered consumer for 100k messages.
@@ -96,6 +98,7 @@ import numpy as np
 from nats.errors import SlowConsumerError
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError
+from nats.protocol.parser import AWAITING_CONTROL_LINE
 
 from ingest_defs.config import PipelineSpec
 from ingest_defs.security import nats_auth, redact, url_secrets, without_userinfo
@@ -191,11 +194,85 @@ def fast_path_supported(nc: Any) -> bool:
     fn = getattr(nc, "_process_msg", None)
     if fn is None or not hasattr(nc, "_send_command"):
         return False
+    parser = getattr(nc, "_ps", None)  # the frame scanner reads its buffer and state (see FrameScanner)
+    if not (isinstance(getattr(parser, "buf", None), bytearray) and getattr(parser, "state", None) == AWAITING_CONTROL_LINE
+            and callable(getattr(parser, "parse", None))):
+        return False
     try:
         params = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return False
     return params == ["sid", "subject", "reply", "data", "headers"]
+
+
+def take_frames(buf: bytearray, handlers: dict[int, tuple[Any, Callable[..., bytes | None]]]) -> tuple[int, bytes | None, bool]:
+    """Handle the complete MSG/HMSG frames of our reading subscriptions at the start of `buf`, in order.
+
+    Returns (bytes consumed, a subject to answer with an empty message now, whether nats-py's parser must take
+    what follows: a control line that is not such a frame). It stops after a frame that wants an answer (flow
+    control, a stall), so the answer goes out before anything after it is handled, as with nats-py. An
+    incomplete frame at the end is left for more data. One pass, no regex, no coroutine per message:
+    nats-py's parser matched a regex, kept its state in a dict and awaited `_process_msg` for every message,
+    ~40 % of a NATS read."""
+    pos, end_of_buf = 0, len(buf)
+    find = buf.find
+    while pos < end_of_buf:
+        eol = find(b"\r\n", pos)
+        if eol < 0:
+            return pos, None, False  # the control line is not complete yet
+        # MSG <subject> <sid> [reply] <size> | HMSG <subject> <sid> [reply] <header size> <size>
+        parts = bytes(buf[pos:eol]).split()
+        op, count = (parts[0], len(parts)) if parts else (b"", 0)
+        if op == b"MSG" and count in (4, 5):
+            header_size, size, reply = 0, parts[-1], parts[3] if count == 5 else b""
+        elif op == b"HMSG" and count in (5, 6):
+            header_size, size, reply = parts[-2], parts[-1], parts[3] if count == 6 else b""
+        else:
+            return pos, None, True  # PING, +OK, INFO, -ERR, ...: nats-py's parser
+        entry = handlers.get(int(parts[2]))
+        if entry is None:
+            return pos, None, True  # another subscription's message (API replies): nats-py's way
+        start = eol + 2
+        stop = start + int(size)
+        if stop + 2 > end_of_buf:
+            return pos, None, False  # the payload is not all here yet
+        header_size = int(header_size)
+        reader, handle = entry
+        try:
+            out = handle(parts[1], reply, bytes(buf[start + header_size:stop]),
+                         parse_headers(bytes(buf[start:start + header_size])) if header_size else None)
+        except Exception as exc:  # never break the read loop
+            reader.fail(f"handling a delivery failed: {exc!r}")
+            out = None
+        pos = stop + 2
+        if out:
+            return pos, out, False
+    return pos, None, False
+
+
+def install_frame_scanner(parser: Any, handlers: dict[int, tuple[Any, Callable[..., bytes | None]]],
+                          publish: Callable[[str], Coroutine[Any, Any, None]]) -> None:
+    """Make nats-py's parser hand the frames of our subscriptions to `take_frames` (one pass over each read
+    of the socket); it keeps everything else, and a frame it has started (its state is then not "control
+    line")."""
+    parse = parser.parse
+
+    async def scan(data: bytes = b"") -> None:
+        buf = parser.buf  # read each time: a reconnect resets the parser with a new buffer
+        buf.extend(data)
+        if parser.state != AWAITING_CONTROL_LINE:
+            await parse(b"")
+            return
+        while True:
+            taken, answer, delegate = take_frames(buf, handlers)
+            del buf[:taken]
+            if answer is None:
+                break
+            await publish(answer.decode())  # flow control, a stall: once what came before was handled
+        if delegate:
+            await parse(b"")
+
+    parser.parse = scan
 
 
 class _Reader:
@@ -520,6 +597,8 @@ class NatsSource:
                 reader.fail(f"handling a delivery failed: {exc!r}")
 
         nc._process_msg = dispatch
+
+        install_frame_scanner(nc._ps, handlers, publish)
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
