@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +128,7 @@ class TxnVersions:
     def __init__(self) -> None:
         self._at: tuple[int, dict[str, int | None]] | None = None  # (table version, app id -> version)
 
-    def of(self, table: DeltaTable, app_ids: Any) -> dict[str, int | None]:
+    def of(self, table: DeltaTable, app_ids: Iterable[str]) -> dict[str, int | None]:
         """The versions of `app_ids` at `table`'s snapshot."""
         app_ids = list(app_ids)
         version = table.version()

@@ -172,3 +172,15 @@ def test_the_frame_scanner_hands_over_what_nats_py_parser_would_however_the_read
     for _ in range(300):
         cuts = sorted(rng.sample(range(1, len(wire)), rng.randrange(1, 200)))
         assert _parse_in_chunks(wire, cuts, fast=True) == reference, cuts
+
+
+@pytest.mark.parametrize("line", [b"MSG s 7 abc\r\n", b"MSG s x 3\r\nabc\r\n", b"HMSG s 7 r 2\r\n", b"BOGUS\r\n"])
+def test_a_malformed_line_is_the_protocol_error_nats_py_reports(line: bytes):
+    """The scanner never raises inside nats-py's read loop (that would end it silently): a line it cannot read
+    goes to nats-py's parser, which reports a protocol error as it would without the scanner."""
+    from nats.errors import ProtocolError
+
+    wire = b"MSG s 7 2\r\nok\r\n" + line
+    for fast in (False, True):
+        with pytest.raises(ProtocolError):
+            _parse_in_chunks(wire, [], fast=fast)
