@@ -184,3 +184,33 @@ def test_a_malformed_line_is_the_protocol_error_nats_py_reports(line: bytes):
     for fast in (False, True):
         with pytest.raises(ProtocolError):
             _parse_in_chunks(wire, [], fast=fast)
+
+
+def test_a_flow_control_answer_that_cannot_be_sent_fails_the_read_not_the_read_loop():
+    """An exception out of the parser would end nats-py's read loop (it logs and stops reading); a failed
+    answer fails the batch's read instead, and the frames after it are still handled."""
+    from nats.protocol.parser import Parser
+
+    class Reader:
+        failed: str | None = None
+
+        def fail(self, reason: str) -> None:
+            self.failed = reason
+
+    reader, taken = Reader(), []
+
+    def handle(subject, reply, data, headers):
+        taken.append(data)
+        return reply if reply.startswith(b"$JS.FC.") else None
+
+    async def closed(_subject: str) -> None:
+        raise ConnectionError("connection closed")
+
+    fc = b"NATS/1.0 100 FlowControl Request\r\n\r\n"
+    wire = (b"MSG s 7 r 1\r\na\r\n" + b"HMSG fc 7 $JS.FC.x %d %d\r\n%s\r\n" % (len(fc), len(fc), fc)
+            + b"MSG s 7 r 1\r\nb\r\n")
+    parser = Parser(_Recorder({}))
+    install_frame_scanner(parser, {7: (reader, handle)}, closed)
+    asyncio.run(parser.parse(wire))
+    assert taken == [b"a", b"", b"b"] and not parser.buf
+    assert reader.failed is not None and "connection closed" in reader.failed

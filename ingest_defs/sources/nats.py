@@ -206,11 +206,14 @@ def fast_path_supported(nc: Any) -> bool:
     return params == ["sid", "subject", "reply", "data", "headers"]
 
 
-def take_frames(buf: bytearray, handlers: dict[int, tuple[Any, Callable[..., bytes | None]]]) -> tuple[int, bytes | None, bool]:
+Answer = tuple[Any, bytes]  # (the reader whose delivery wants it, the subject to answer with an empty message)
+
+
+def take_frames(buf: bytearray, handlers: dict[int, tuple[Any, Callable[..., bytes | None]]]) -> tuple[int, Answer | None, bool]:
     """Handle the complete MSG/HMSG frames of our reading subscriptions at the start of `buf`, in order.
 
-    Returns (bytes consumed, a subject to answer with an empty message now, whether nats-py's parser must take
-    what follows: a control line that is not such a frame). It stops after a frame that wants an answer (flow
+    Returns (bytes consumed, an answer to send now, whether nats-py's parser must take what follows: a control
+    line that is not such a frame). It stops after a frame that wants an answer (flow
     control, a stall), so the answer goes out before anything after it is handled, as with nats-py. An
     incomplete frame at the end is left for more data. One pass, no regex, no coroutine per message:
     nats-py's parser matched a regex, kept its state in a dict and awaited `_process_msg` for every message:
@@ -250,7 +253,7 @@ def take_frames(buf: bytearray, handlers: dict[int, tuple[Any, Callable[..., byt
             out = None
         pos = stop + 2
         if out:
-            return pos, out, False
+            return pos, (reader, out), False
     return pos, None, False
 
 
@@ -272,7 +275,11 @@ def install_frame_scanner(parser: Any, handlers: dict[int, tuple[Any, Callable[.
             del buf[:taken]
             if answer is None:
                 break
-            await publish(answer.decode())  # flow control, a stall: once what came before was handled
+            reader, subject = answer
+            try:  # flow control, a stall: answered once what came before was handled
+                await publish(subject.decode())
+            except Exception as exc:  # never break nats-py's read loop (a closed connection: the read fails)
+                reader.fail(f"answering {subject.decode()!r} failed: {exc!r}")
         if delegate:
             await parse(b"")
 
