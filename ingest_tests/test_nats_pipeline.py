@@ -302,6 +302,47 @@ def test_a_range_read_gets_no_more_than_its_range_from_the_server(lake, monkeypa
     assert received <= 500 + 50, received
 
 
+def test_range_reads_fall_back_to_unbounded_where_the_server_caps_max_ack_pending(tmp_path: Path):
+    """An account (or server, or stream) may cap max_ack_pending below a batch: the bounded range consumer is
+    then refused (10121) and the source reads its ranges unbounded, as before the bound, losing nothing."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "capped.conf"
+    config.write_text(f'port: {port}\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+                      'accounts { A: { jetstream: { max_ack_pending: 100 }, users: [ {user: a, password: a} ] } }\n')
+    server = subprocess.Popen([shutil.which("nats-server") or "nats-server", "-c", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        spec = nats_spec(batch={"max_messages": 300})
+        source = nats_source.NatsSource(spec, {"url": f"nats://a:a@127.0.0.1:{port}"})
+        try:
+            source.ensure_exists()
+            payloads = [json.dumps({"id": i, "event": "click", "value": i}).encode() for i in range(700)]
+            assert source.publish(payloads) == 700
+            read, stored = [], {}
+            while not (plan := source.plan(stored.get, 300)).empty:
+                raw = source.read(plan, 1 << 30)
+                read += raw.payloads
+                stored[raw.covered[0].app_id] = raw.covered[0].end
+            assert not source._bounded_ranges  # the server refused the bound once
+        finally:
+            source.close()
+        assert read == payloads
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 # ------------------------------------------------------------ crashes
 @pytest.mark.parametrize("retention", ["limits", "workqueue"])
 def test_crash_after_delta_commit_before_ack_doubles_nothing(lake, instance, tmp_path: Path, retention: str):

@@ -174,7 +174,8 @@ def test_the_frame_scanner_hands_over_what_nats_py_parser_would_however_the_read
         assert _parse_in_chunks(wire, cuts, fast=True) == reference, cuts
 
 
-@pytest.mark.parametrize("line", [b"MSG s 7 abc\r\n", b"MSG s x 3\r\nabc\r\n", b"HMSG s 7 r 2\r\n", b"BOGUS\r\n"])
+@pytest.mark.parametrize("line", [b"MSG s 7 abc\r\n", b"MSG s x 3\r\nabc\r\n", b"HMSG s 7 r 2\r\n", b"BOGUS\r\n",
+                                  b"MSG s 7 -15\r\nPING\r\n", b"MSG s 7 +3\r\nabc\r\n", b"HMSG s 7 r -1 3\r\nabc\r\n"])
 def test_a_malformed_line_is_the_protocol_error_nats_py_reports(line: bytes):
     """The scanner never raises inside nats-py's read loop (that would end it silently): a line it cannot read
     goes to nats-py's parser, which reports a protocol error as it would without the scanner."""

@@ -21,8 +21,9 @@ Limits streams (`retention: limits`): exact ranges
   sequence → `SourceError` (stream recreated or truncated below us).
 - read: an ephemeral push consumer (flow control answered by this reader only after the messages before the
   request were processed, heartbeats, memory storage) from `start` with the pipeline's subject filter, with
-  AckPolicy all, `max_ack_pending` the range's length and no ack ever sent: the server delivers at most the
-  range. (With AckPolicy none it kept pushing past the range until the consumer was gone: a 300k read
+  AckPolicy all, `max_ack_pending` the range's length, `ack_wait` an hour and no ack ever sent: the server
+  delivers at most the range (where the server, account or stream caps `max_ack_pending` below a range,
+  error 10121, the source falls back to unbounded AckPolicy none reads). (With AckPolicy none it kept pushing past the range until the consumer was gone: a 300k read
   parsed ~150k deliveries more and dropped them, 210k msg/s against 275k now.) The filter makes sequences
   sparse, so the range end is found from the delivery metadata rather than from a message at `end`: a
   delivery with sequence ≥ end ends the range; a delivery whose `num_pending` is 0 means nothing matching
@@ -206,6 +207,7 @@ def fast_path_supported(nc: Any) -> bool:
     return params == ["sid", "subject", "reply", "data", "headers"]
 
 
+MAX_ACK_PENDING_OVER_LIMIT = 10121  # JetStream: "consumer max ack pending exceeds system limit"
 Answer = tuple[Any, bytes]  # (the reader whose delivery wants it, the subject to answer with an empty message)
 
 
@@ -228,15 +230,14 @@ def take_frames(buf: bytearray, handlers: dict[int, tuple[Any, Callable[..., byt
         parts = bytes(buf[pos:eol]).split()
         op, count = (parts[0], len(parts)) if parts else (b"", 0)
         if op == b"MSG" and count in (4, 5):
-            header_size, size, reply = 0, parts[-1], parts[3] if count == 5 else b""
+            header_size, size, reply = b"0", parts[-1], parts[3] if count == 5 else b""
         elif op == b"HMSG" and count in (5, 6):
             header_size, size, reply = parts[-2], parts[-1], parts[3] if count == 6 else b""
         else:
             return pos, None, True  # PING, +OK, INFO, -ERR, ...: nats-py's parser
-        try:
-            sid, size, header_size = int(parts[2]), int(size), int(header_size)
-        except ValueError:
-            return pos, None, True  # malformed: nats-py's parser reports it as a protocol error
+        if not (parts[2].isdigit() and size.isdigit() and header_size.isdigit()):
+            return pos, None, True  # malformed (int() would take "-15"): nats-py's parser reports it
+        sid, size, header_size = int(parts[2]), int(size), int(header_size)
         entry = handlers.get(sid)
         if entry is None:
             return pos, None, True  # another subscription's message (API replies): nats-py's way
@@ -279,7 +280,7 @@ def install_frame_scanner(parser: Any, handlers: dict[int, tuple[Any, Callable[.
             try:  # flow control, a stall: answered once what came before was handled
                 await publish(subject.decode())
             except Exception as exc:  # never break nats-py's read loop (a closed connection: the read fails)
-                reader.fail(f"answering {subject.decode()!r} failed: {exc!r}")
+                reader.fail(f"answering {subject!r} failed: {exc!r}")
         if delegate:
             await parse(b"")
 
@@ -523,6 +524,7 @@ class NatsSource:
         self._reader: _Reader | None = None
         self._fast = False  # deliveries taken from the protocol parser (see fast_path_supported)
         self._handlers: dict[int, tuple[_Reader, Callable[..., bytes | None]]] = {}
+        self._bounded_ranges = True  # range consumers bounded by max_ack_pending (until the server refuses it)
         # Work queues: batches handed out by read() and the last one acknowledged (acks come in order).
         self._batches_read = 0
         self._acked_through = 0
@@ -782,22 +784,15 @@ class NatsSource:
             sub = await self._subscribe(inbox, reader, reader.on_range, planned.count, max_bytes)
             name = None
             try:
-                created = await js.add_consumer(self.stream, api.ConsumerConfig(
-                    description=f"ingest pipeline {self.spec.name} (range read)",
-                    deliver_subject=inbox,
-                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=start,
-                    # never acked: max_ack_pending stops the server at the range's length (see module doc)
-                    ack_policy=api.AckPolicy.ALL,
-                    max_ack_pending=planned.end - start + 1,
-                    max_deliver=1,
-                    filter_subject=self.subject,
-                    flow_control=True,
-                    idle_heartbeat=HEARTBEAT_SECONDS,
-                    mem_storage=True,
-                    num_replicas=1,
-                    inactive_threshold=30.0,
-                ))
+                try:
+                    created = await js.add_consumer(self.stream, self._range_consumer(inbox, start, planned.end))
+                except APIError as exc:
+                    if exc.err_code != MAX_ACK_PENDING_OVER_LIMIT or not self._bounded_ranges:
+                        raise
+                    # the server, account or stream caps max_ack_pending below this range: unbounded reads
+                    logger.info("pipeline %s: %s; range reads go unbounded", self.spec.name, exc.description)
+                    self._bounded_ranges = False
+                    created = await js.add_consumer(self.stream, self._range_consumer(inbox, start, planned.end))
                 name = created.name
                 if not created.num_pending:
                     reader.finish(planned.end)  # nothing matching the filter from `start` on
@@ -823,6 +818,28 @@ class NatsSource:
         assert reader.covered_end is not None
         covered = PartitionRange(self.app_id, 0, planned.start, reader.covered_end)
         return self._batch(reader, covered, lag_after=None)
+
+    def _range_consumer(self, inbox: str, start: int, end: int) -> api.ConsumerConfig:
+        """The temporary push consumer of a range read: bounded to the range by `max_ack_pending` and never
+        acked (see module doc), unless the server refuses that bound."""
+        bound: dict[str, Any] = {"ack_policy": api.AckPolicy.NONE}
+        if self._bounded_ranges:
+            # ack_wait far above any read: an expiry would drop the bound and flood MAX_DELIVERIES advisories
+            bound = {"ack_policy": api.AckPolicy.ALL, "max_ack_pending": end - start + 1, "ack_wait": 3600.0}
+        return api.ConsumerConfig(
+            description=f"ingest pipeline {self.spec.name} (range read)",
+            deliver_subject=inbox,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            max_deliver=1,
+            filter_subject=self.subject,
+            flow_control=True,
+            idle_heartbeat=HEARTBEAT_SECONDS,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=30.0,
+            **bound,
+        )
 
     @staticmethod
     def _range_covered(reader: _Reader, info: Any) -> None:
