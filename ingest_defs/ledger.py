@@ -157,10 +157,7 @@ class Ledger:
 
     def recorded(self, app_ids: Iterable[str], refresh: bool = True) -> dict[str, int | None]:
         """Per source app id, the last offset whose batch the ledger records (None: none yet)."""
-        return self._versions(self.table(refresh), app_ids)
-
-    def _versions(self, table: DeltaTable | None, app_ids: Iterable[str]) -> dict[str, int | None]:
-        return dict.fromkeys(app_ids) if table is None else self._txn_versions.of(table, app_ids)
+        return self._txn_versions.of(self.table(refresh), app_ids)
 
     # ------------------------------------------------------------ writing
     def append(self, rows: list[dict[str, Any]], covered: dict[str, int] | None = None) -> bool:
@@ -175,8 +172,7 @@ class Ledger:
 
         def prepare(refresh: bool = True) -> None:
             state["table"] = table = self.table(refresh)
-            state["version"] = None if table is None else table.version()
-            stored = self._versions(table, covered)
+            stored = self._txn_versions.of(table, covered)
             if covered and all(v is not None and v >= covered[a] for a, v in stored.items()):
                 raise ConcurrentBatchError("already recorded")
             # transaction_version is not monotonic: never write a lower version than the ledger holds
@@ -208,7 +204,7 @@ class Ledger:
                 commit_with_retries(attempt, prepare,
                                     f"pipeline '{self.pipeline}': recording batches in the ledger {self.uri}")
                 self._read_at = time.monotonic()  # write_deltalake moved the table to the version it wrote
-                self._txn_versions.committed(self._table, state["version"], state["txns"])
+                self._txn_versions.committed(self._table, state["txns"])
                 return True
             except ConcurrentBatchError:
                 # Another writer (a repair, or a second run of these partitions) recorded offsets of these ids.

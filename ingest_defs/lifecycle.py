@@ -499,7 +499,7 @@ class BatchRunner:
         try:
             if bad.height:
                 txns = {r.app_id: _max(r.end, fresh_quarantine.get(r.app_id)) for r in raw.covered if r.count}
-                committed = self.quarantine.append(bad, txns, meta, fence=fresh_quarantine)
+                committed = self.quarantine.append(bad, txns, meta)
                 result.quarantine_version, result.rows_quarantined = committed.version, committed.rows
                 result.commit_retries += committed.retries
                 commit_s += committed.seconds
@@ -507,7 +507,7 @@ class BatchRunner:
             txns = {r.app_id: _max(r.end, fresh_target.get(r.app_id)) for r in raw.covered if r.count}
             if result.quarantine_version is not None:
                 meta["ingest.quarantine_version"] = str(result.quarantine_version)
-            committed = self.target.append(good, txns, meta, fence=fresh_target)
+            committed = self.target.append(good, txns, meta)
             result.target_version, result.rows_written = committed.version, committed.rows
             result.commit_retries += committed.retries
             result.stage_s["commit"] = commit_s + committed.seconds

@@ -128,9 +128,11 @@ class TxnVersions:
     def __init__(self) -> None:
         self._at: tuple[int, dict[str, int | None]] | None = None  # (table version, app id -> version)
 
-    def of(self, table: DeltaTable, app_ids: Iterable[str]) -> dict[str, int | None]:
-        """The versions of `app_ids` at `table`'s snapshot."""
+    def of(self, table: DeltaTable | None, app_ids: Iterable[str]) -> dict[str, int | None]:
+        """The versions of `app_ids` at `table`'s snapshot (None for each while the table does not exist)."""
         app_ids = list(app_ids)
+        if table is None:
+            return dict.fromkeys(app_ids)
         version = table.version()
         if self._at is None or self._at[0] != version:
             self._at = (version, {})
@@ -140,13 +142,13 @@ class TxnVersions:
                 known[a] = table.transaction_version(a)
         return {a: known[a] for a in app_ids}
 
-    def committed(self, table: DeltaTable | None, prepared_at: int | None, written: dict[str, int]) -> None:
-        """Our commit of `written` on the snapshot at `prepared_at` landed and moved `table`: what was known
-        there, updated with ours, holds at the new version if it is the next one (else a commit by another
-        writer came between: forget it all)."""
+    def committed(self, table: DeltaTable | None, written: dict[str, int]) -> None:
+        """Our commit of `written` landed and moved `table` to its version: if that is the one right after the
+        version known here, what was known, updated with ours, holds there (else a commit by another writer
+        came between: forget it all)."""
         at = self._at
-        if table is not None and at is not None and at[0] == prepared_at and table.version() == prepared_at + 1:
-            self._at = (prepared_at + 1, {**at[1], **written})
+        if table is not None and at is not None and table.version() == at[0] + 1:
+            self._at = (at[0] + 1, {**at[1], **written})
         else:
             self._at = None
 
@@ -180,14 +182,10 @@ class DeltaTableSink:
         return self._table
 
     def versions(self, app_ids: list[str] | None = None, refresh: bool = True) -> dict[str, int | None]:
-        table = self.table(refresh)
-        if table is None or app_ids is None:
-            return dict.fromkeys(app_ids or [])
-        return self._txn_versions.of(table, app_ids)
+        return self._txn_versions.of(self.table(refresh), app_ids or [])
 
     def version_of(self, app_id: str) -> int | None:
-        table = self.table(refresh=False)
-        return None if table is None else self._txn_versions.of(table, [app_id])[app_id]
+        return self._txn_versions.of(self.table(refresh=False), [app_id])[app_id]
 
     def check_identity(self, identity: dict[str, str]) -> None:
         """Refuse a table written by another pipeline or source, or one whose txns could expire. Reads the table
@@ -242,14 +240,12 @@ class DeltaTableSink:
                     raise
         self._table = None
 
-    def append(self, frame: pl.DataFrame, txns: dict[str, int], metadata: dict[str, Any],
-               fence: dict[str, int | None] | None = None) -> Committed:
+    def append(self, frame: pl.DataFrame, txns: dict[str, int], metadata: dict[str, Any]) -> Committed:
         """Append `frame` in one commit carrying one Transaction per app id (even with zero rows).
 
-        Commits against the snapshot the caller read its fence from (`versions()`, passed as `fence` so it is
-        not looked up again: delta-rs replays the log for each app id's version, ~0.4 ms a lookup on local disk
-        and requests on S3, so a 64-partition batch paid 64 more): a commit by another writer since then on
-        one of our app ids makes this fail with ConcurrentBatchError. A commit lost to a writer of other app
+        Commits against the snapshot the caller read its fence from (`versions()`; the versions are not looked
+        up again, see TxnVersions): a commit by another writer since then on one of our app ids makes this
+        fail with ConcurrentBatchError. A commit lost to a writer of other app
         ids (another shard) is retried on the new snapshot once our app ids are re-read and found unchanged
         (see `commit_with_retries`)."""
         table = self.table(refresh=False)
@@ -257,7 +253,7 @@ class DeltaTableSink:
             raise SinkError(f"pipeline '{self.pipeline}': {self.role} table {self.uri} does not exist")
         frame = storable(frame, self._column_types(table))
         self._check_schema_change(table, frame)
-        fence = self._txn_versions.of(table, txns) if fence is None else {a: fence[a] for a in txns}
+        fence = self._txn_versions.of(table, txns)
         commit = CommitProperties(
             app_transactions=[Transaction(app_id, version) for app_id, version in txns.items()],
             custom_metadata={k: v for k, v in metadata.items() if v is not None},
@@ -267,10 +263,7 @@ class DeltaTableSink:
         data = frame.to_arrow(compat_level=pl.CompatLevel.newest())  # no copy of string columns
         committing = f"committing a batch to the {self.role} table"
 
-        prepared_at: list[int] = []  # the snapshot each attempt commits on
-
         def attempt() -> None:
-            prepared_at.append(table.version())
             with self.location.failures(committing):
                 write_deltalake(table, data, mode="append", schema_mode="merge", commit_properties=commit,
                                 post_commithook_properties=commit_hooks(table.version() + 1))
@@ -286,7 +279,7 @@ class DeltaTableSink:
         started = time.monotonic()
         retries = commit_with_retries(attempt, refresh, f"pipeline '{self.pipeline}': committing to the "
                                       f"{self.role} table {self.uri}")
-        self._txn_versions.committed(table, prepared_at[-1], txns)
+        self._txn_versions.committed(table, txns)
         # write_deltalake moved `table` to the version it committed: no refresh (a listing of the log) needed
         return Committed(table.version(), frame.height, retries, time.monotonic() - started)
 

@@ -289,7 +289,7 @@ def test_the_versions_a_sink_remembers_between_its_commits_are_the_tables_at_eve
         fence = sink.versions(chosen, refresh=rng.random() < 0.5)  # sometimes a snapshot another writer moved
         txns = {a: (fence[a] or 0) + rng.randrange(1, 10) for a in chosen}
         try:
-            sink.append(frame, txns, {}, fence=fence)
+            sink.append(frame, txns, {})  # fenced on the snapshot `versions()` just read
             expected.update(txns)
         except ConcurrentBatchError:
             pass

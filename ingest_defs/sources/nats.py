@@ -23,8 +23,9 @@ Limits streams (`retention: limits`): exact ranges
   request were processed, heartbeats, memory storage) from `start` with the pipeline's subject filter, with
   AckPolicy all, `max_ack_pending` the range's length, `ack_wait` an hour and no ack ever sent: the server
   delivers at most the range (where the server, account or stream caps `max_ack_pending` below a range,
-  error 10121, the source falls back to unbounded AckPolicy none reads). (With AckPolicy none it kept pushing past the range until the consumer was gone: a 300k read
-  parsed ~150k deliveries more and dropped them, 210k msg/s against 275k now.) The filter makes sequences
+  error 10121, the source falls back to unbounded AckPolicy none reads). (With AckPolicy none it kept
+  pushing past the range until the consumer was gone: a 300k read parsed ~150k deliveries more and
+  dropped them, 210k msg/s against 275k now.) The filter makes sequences
   sparse, so the range end is found from the delivery metadata rather than from a message at `end`: a
   delivery with sequence ≥ end ends the range; a delivery whose `num_pending` is 0 means nothing matching
   the filter exists after it, so the range is covered up to `end`; a consumer created with `num_pending` 0
@@ -211,12 +212,23 @@ MAX_ACK_PENDING_OVER_LIMIT = 10121  # JetStream: "consumer max ack pending excee
 Answer = tuple[Any, bytes]  # (the reader whose delivery wants it, the subject to answer with an empty message)
 
 
+def deliver(entry: tuple[Any, Callable[..., bytes | None]], subject: bytes, reply: bytes, data: bytes,
+            headers: bytes | None) -> bytes | None:
+    """Hand one delivery to its reader's handler; what to answer, if anything. A handler's exception fails
+    that read and never reaches nats-py's read loop."""
+    reader, handle = entry
+    try:
+        return handle(subject, reply, data, parse_headers(headers) if headers else None)
+    except Exception as exc:
+        reader.fail(f"handling a delivery failed: {exc!r}")
+        return None
+
+
 def take_frames(buf: bytearray, handlers: dict[int, tuple[Any, Callable[..., bytes | None]]]) -> tuple[int, Answer | None, bool]:
     """Handle the complete MSG/HMSG frames of our reading subscriptions at the start of `buf`, in order.
 
     Returns (bytes consumed, an answer to send now, whether nats-py's parser must take what follows: a control
-    line that is not such a frame). It stops after a frame that wants an answer (flow
-    control, a stall), so the answer goes out before anything after it is handled, as with nats-py. An
+    line that is not such a frame). It stops after a frame that wants an answer (flow control, a stall), so the answer goes out before anything after it is handled, as with nats-py. An
     incomplete frame at the end is left for more data. One pass, no regex, no coroutine per message:
     nats-py's parser matched a regex, kept its state in a dict and awaited `_process_msg` for every message:
     about half of a NATS read's time in a profile."""
@@ -245,16 +257,11 @@ def take_frames(buf: bytearray, handlers: dict[int, tuple[Any, Callable[..., byt
         stop = start + size
         if stop + 2 > end_of_buf:
             return pos, None, False  # the payload is not all here yet
-        reader, handle = entry
-        try:
-            out = handle(parts[1], reply, bytes(buf[start + header_size:stop]),
-                         parse_headers(bytes(buf[start:start + header_size])) if header_size else None)
-        except Exception as exc:  # never break the read loop
-            reader.fail(f"handling a delivery failed: {exc!r}")
-            out = None
+        out = deliver(entry, parts[1], reply, bytes(buf[start + header_size:stop]),
+                      bytes(buf[start:start + header_size]) if header_size else None)
         pos = stop + 2
         if out:
-            return pos, (reader, out), False
+            return pos, (entry[0], out), False
     return pos, None, False
 
 
@@ -601,13 +608,12 @@ class NatsSource:
             if entry is None:
                 await original(sid, subject, reply, data, headers)
                 return
-            reader, handle = entry
+            out = deliver(entry, subject, reply, data, headers)
             try:
-                out = handle(subject, reply, data, parse_headers(headers) if headers else None)
                 if out:
                     await publish(out.decode())
             except Exception as exc:  # never break nats-py's read loop
-                reader.fail(f"handling a delivery failed: {exc!r}")
+                entry[0].fail(f"answering {out!r} failed: {exc!r}")
 
         nc._process_msg = dispatch
 
