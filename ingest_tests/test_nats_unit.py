@@ -12,6 +12,7 @@ from nats.js import api
 
 from ingest_defs.sources.nats import (
     _drifted,
+    _Reader,
     fast_path_supported,
     headers_from_dict,
     install_frame_scanner,
@@ -175,7 +176,8 @@ def test_the_frame_scanner_hands_over_what_nats_py_parser_would_however_the_read
 
 
 @pytest.mark.parametrize("line", [b"MSG s 7 abc\r\n", b"MSG s x 3\r\nabc\r\n", b"HMSG s 7 r 2\r\n", b"BOGUS\r\n",
-                                  b"MSG s 7 -15\r\nPING\r\n", b"MSG s 7 +3\r\nabc\r\n", b"HMSG s 7 r -1 3\r\nabc\r\n"])
+                                  b"MSG s 7 -15\r\nPING\r\n", b"MSG s 7 +3\r\nabc\r\n", b"HMSG s 7 r -1 3\r\nabc\r\n",
+                                  b"MSG s 7 r x 3\r\nabc\r\n", b"HMSG s 7 r x y 3\r\nabc\r\n", b"HMSG s 7 3\r\nabc\r\n"])
 def test_a_malformed_line_is_the_protocol_error_nats_py_reports(line: bytes):
     """The scanner never raises inside nats-py's read loop (that would end it silently): a line it cannot read
     goes to nats-py's parser, which reports a protocol error as it would without the scanner."""
@@ -215,3 +217,19 @@ def test_a_flow_control_answer_that_cannot_be_sent_fails_the_read_not_the_read_l
     asyncio.run(parser.parse(wire))
     assert taken == [b"a", b"", b"b"] and not parser.buf
     assert reader.failed is not None and "connection closed" in reader.failed
+
+
+def _delivery(seq: int, cseq: int, delivered: int = 1) -> tuple[bytes, bytes, bytes, None]:
+    return b"q.s", b"$JS.ACK.Q.c.%d.%d.%d.1700000000000000000.0" % (delivered, seq, cseq), b"{\"id\":%d}" % seq, None
+
+
+def test_a_work_queue_batch_takes_each_sequence_once_whatever_is_redelivered():
+    """Within a batch, a sequence redelivered after ack_wait is taken once (counted as a duplicate), also one
+    taken after the first redelivery; a redelivered sequence not taken before is taken."""
+    reader = _Reader(version=2, max_messages=100, max_bytes=None, idle=60.0, max_wait=60.0)
+    deliveries = [(3, 1), (4, 1), (3, 2), (5, 1), (5, 2), (4, 3), (1, 2), (6, 2), (6, 3)]
+    answers = [reader.on_queue(*_delivery(seq, cseq, n)) for cseq, (seq, n) in enumerate(deliveries, start=1)]
+    assert list(reader.offsets) == [3, 4, 5, 6]
+    assert (reader.duplicates, reader.acked_early) == (4, 1)
+    assert answers[6] is not None and sum(a is not None for a in answers) == 1  # sequence 1 is in Delta: acked now
+    assert len(reader.replies) == 4 and not reader.finished
