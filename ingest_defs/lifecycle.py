@@ -475,6 +475,7 @@ class BatchRunner:
         """Decode, validate, fence against Delta, commit quarantine then target. No ledger, no acknowledgement."""
         t1 = time.monotonic()
         good, bad = self._rows(raw, result)
+        raw.release_columns()  # in the frames now: not held through the write while the next batch is read
         result.stage_s["decode_validate"] = time.monotonic() - t1
         t1 = time.monotonic()
         app_ids = [r.app_id for r in raw.covered]

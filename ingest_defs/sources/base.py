@@ -202,8 +202,19 @@ class RawBatch:
     # Why an open batch (unbounded plan) ended: max_messages, max_bytes, idle, max_wait, connection_lost.
     ended_by: str | None = None
 
+    # Set by release_columns(): how many messages the batch had once its columns are gone.
+    released_length: int | None = None
+
     def __len__(self) -> int:
-        return len(self.payloads)
+        return len(self.payloads) if self.released_length is None else self.released_length
+
+    def release_columns(self) -> None:
+        """Let go of the message columns once the batch's frames are built from them. What remains (ranges,
+        ack token, counters) is all that the commit and the acknowledgement read, and the next batch is
+        being read meanwhile: its columns and this one's need not be held at once."""
+        self.released_length = len(self)
+        self.payloads, self.offsets, self.keys, self.headers, self.timestamps_ms = (), (), None, None, None
+        self.extra_columns = {}
 
 
 @dataclass(frozen=True)
