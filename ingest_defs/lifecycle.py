@@ -563,7 +563,11 @@ class BatchRunner:
             failures.update(unstorable)
             good = good.filter(~pl.col(ROW).is_in(list(unstorable)))
         if self.keep_raw:
-            good = good.with_columns(payload_series("_raw", raw.payloads).gather(good.get_column(ROW)))
+            payloads = payload_series("_raw", raw.payloads)
+            positions = good.get_column(ROW)
+            if good.height < len(raw) or not positions.is_sorted():  # the payloads of the rows left only
+                payloads = payloads.gather(positions)
+            good = good.with_columns(payloads)
         good = good.drop(ROW)
         for reason in failures.values():
             result.reasons[_reason_kind(reason)] += 1

@@ -1,5 +1,6 @@
 """Packed batch columns (no Python object per message) behave exactly like the lists they replace."""
 
+import io
 import json
 import random
 from datetime import UTC, datetime
@@ -133,6 +134,7 @@ def test_packed_payloads_become_a_binary_column_without_losing_a_byte():
     alphabet = [b"a", b"\n", b"\x00", b"\xff", b"{", b"\\"]  # newlines inside payloads too
     chunks = [[b"".join(rng.choices(alphabet, k=rng.randrange(0, 40))) for _ in range(rng.randrange(1, 30))]
               for _ in range(5)]
+    chunks.append([b"x" * n for n in (11, 12, 13, 4, 3, 0)])  # a view holds ≤ 12 bytes itself, points beyond
     packed = PackedPayloads()
     for chunk in chunks:
         packed.extend(chunk)
@@ -140,5 +142,12 @@ def test_packed_payloads_become_a_binary_column_without_losing_a_byte():
     column = payload_series("_raw", packed)
     assert column.dtype == pl.Binary and column.name == "_raw"
     assert column.to_list() == every
+    order = list(range(len(every)))
+    rng.shuffle(order)
+    assert column.gather(order).to_list() == [every[i] for i in order]
+    stored = io.BytesIO()  # as the sink writes it
+    pl.DataFrame([column]).write_parquet(stored)
+    stored.seek(0)
+    assert pl.read_parquet(stored).get_column("_raw").to_list() == every
     assert payload_series("_raw", every).to_list() == every  # a plain list: the same column
     assert payload_series("_raw", PackedPayloads()).to_list() == []

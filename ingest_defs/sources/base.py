@@ -76,6 +76,9 @@ class Plan:
         return not self.ranges
 
 
+INT32_MAX = 2**31 - 1
+
+
 class PackedPayloads(Sequence[bytes]):
     """A batch's payloads packed newline-separated into a few buffers (one per read chunk) instead of one
     Python `bytes` per message: ~105 bytes of a 150-byte JSON message instead of ~150 plus a list slot.
@@ -111,19 +114,36 @@ class PackedPayloads(Sequence[bytes]):
         return bool(self._lengths) and min(self._lengths) == 0
 
     def binary_series(self, name: str) -> pl.Series:
-        """The payloads as a polars Binary column, built from the packed buffer (no `bytes` per message)."""
+        """The payloads as a polars Binary column over the packed buffer, not a copy of it: Arrow binary views
+        (16 bytes a payload, which point into the buffer, or hold a payload of up to 12 bytes themselves)."""
         import numpy as np  # here, not at import: light commands never load them
         import polars as pl
         import pyarrow as pa
 
         n = len(self._lengths)
+        data = self.joined()
         if not n:
             return pl.Series(name, [], dtype=pl.Binary)
-        ends = np.cumsum(np.frombuffer(self._lengths, dtype=np.uint32), dtype=np.int64)
-        newlines = ends[:-1] + np.arange(n - 1)  # the one between payloads i and i + 1
-        values = np.delete(np.frombuffer(self.joined(), dtype=np.uint8), newlines)
-        offsets = np.concatenate((np.zeros(1, dtype=np.int64), ends))
-        column = pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+        if len(data) > INT32_MAX:  # a view addresses its buffer with 32-bit offsets
+            return pl.Series(name, list(self), dtype=pl.Binary)
+        lengths = np.frombuffer(self._lengths, dtype=np.uint32).astype("<i4")
+        starts = np.zeros(n, dtype="<i4")
+        np.cumsum(lengths[:-1] + 1, out=starts[1:])  # one newline between payloads
+        buffer = np.frombuffer(data, dtype=np.uint8)
+        views = np.zeros((n, 16), dtype=np.uint8)  # length, then 12 bytes inline or prefix, buffer 0, offset
+        as_int32 = views.view("<i4")
+        as_int32[:, 0] = lengths
+        inline = lengths <= 12
+        if inline.any() and len(data):
+            at = np.minimum(starts[inline, None] + np.arange(12), len(data) - 1)
+            head = buffer[at]
+            head[np.arange(12) >= lengths[inline, None]] = 0  # the bytes past a short payload are zero
+            views[inline, 4:] = head
+        pointed = ~inline
+        if pointed.any():
+            views[pointed, 4:8] = buffer[starts[pointed, None] + np.arange(4)]
+            as_int32[pointed, 3] = starts[pointed]
+        column = pa.Array.from_buffers(pa.binary_view(), n, [None, pa.py_buffer(views), pa.py_buffer(data)])
         return pl.Series(name, column)
 
     def __len__(self) -> int:
