@@ -107,6 +107,9 @@ class KafkaSource:
         self._client_errors: list[KafkaError] = []
         self._connected = False
         self._consumer: Consumer | None = None  # made on first use, sized by the partitions it will read
+        # How many partitions the last metadata gave this source: a consumer made after a plan (or by
+        # `acknowledge` after `close`, or by `committed`) is sized without asking the cluster again.
+        self._owned_partitions = 0
         self._admin: AdminClient | None = None  # metadata, identity, the watermarks of all partitions at once
 
     # ------------------------------------------------------------ helpers
@@ -116,7 +119,7 @@ class KafkaSource:
     def _consumer_for(self) -> Consumer:
         if self._consumer is None:
             tunable = {
-                **prefetch_settings(self.spec.batch.max_bytes, len(self._partition_ids())),
+                **prefetch_settings(self.spec.batch.max_bytes, self._owned_partitions or len(self._partition_ids())),
                 # A fetch long-poll holds the broker connection: the ack's offset commit queues behind it (0.5 s
                 # per micro-batch at the default 500 ms; plans ask through the admin client). Ranges are bounded and
                 # unassigned when read, so a short wait costs nothing while draining a backlog.
@@ -194,7 +197,9 @@ class KafkaSource:
     def _partition_ids(self) -> list[int]:
         """The topic's partitions this source owns: all of them, or its shard's (new ones included)."""
         partitions = self._all_partition_ids()
-        return partitions if self.shard is None else self.shard.partitions(partitions)
+        owned = partitions if self.shard is None else self.shard.partitions(partitions)
+        self._owned_partitions = len(owned)
+        return owned
 
     def _all_partition_ids(self) -> list[int]:
         self._check_connection()
