@@ -235,6 +235,10 @@ class RawBatch:
         self.released_length = len(self)
         self.payloads, self.offsets, self.keys, self.headers, self.timestamps_ms = (), (), None, None, None
         self.extra_columns = {}
+        if isinstance(self.streams, list):  # one per message (a single stream or partition is kept)
+            self.streams = []
+        if isinstance(self.partitions, list):
+            self.partitions = []
 
 
 @dataclass(frozen=True)
