@@ -35,10 +35,11 @@ def env_for(tmp_path: Path, specs: list, lake: Path | None = None, **extra: str)
             "LAKE_ROOT": str(lake or tmp_path / "lake"), "DAGSTER_HOME": str(home), **extra}
 
 
-def produce(topic: str, payloads: list[bytes]) -> None:
+def produce(topic: str, payloads: list[bytes], partitions: int = 1) -> None:
+    """Round-robin over the partitions: unkeyed messages would all go where the sticky partitioner puts them."""
     producer = Producer({"bootstrap.servers": BOOTSTRAP})
-    for p in payloads:
-        producer.produce(topic, p)
+    for i, p in enumerate(payloads):
+        producer.produce(topic, p, partition=i % partitions)
     assert producer.flush(30) == 0
 
 
@@ -120,7 +121,7 @@ def test_run_status_show_batches_on_a_terminal_in_ci_logs_and_as_json(tmp_path: 
     env = env_for(tmp_path, [spec])
     assert ingest_cli(["produce", spec.name, "--count", "0"], env).returncode == 0
     produce(spec.source.kafka.topic, [json.dumps({"id": i, "event": "click", "value": i}).encode() for i in range(1000)]
-            + [b"{not json"])
+            + [b"{not json"], partitions=2)
 
     # a backlog on a terminal: progress with messages, rate and lag left
     shown = run_on_a_terminal(["run", spec.name], env)
