@@ -313,8 +313,7 @@ class _Reader:
         self.ended_by: str | None = None
         self.end = end  # range mode: last sequence of the planned range
         self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.max_bytes_or_inf = math.inf if max_bytes is None else max_bytes
+        self.max_bytes = math.inf if max_bytes is None else max_bytes  # None: bytes never end the batch
         # Payloads are packed every PACK_EVERY deliveries (no `bytes` per message kept); sequences and
         # timestamps are int64 arrays; keys and headers are lists only once a message has headers.
         self.packed = PackedPayloads()
@@ -422,7 +421,7 @@ class _Reader:
         self._take(subject, data, headers, seq, t[7 + o])
         if seq == end or t[8 + o] == b"0":
             self.finish(end)  # nothing matching the filter exists between seq and end
-        elif self.max_bytes is not None and self.nbytes >= self.max_bytes:
+        elif self.nbytes >= self.max_bytes:
             self.finish(seq)
         return None
 
@@ -461,7 +460,7 @@ class _Reader:
             self.replies.append(reply)
             if self.cut_at == math.inf:
                 self.cut_at = self.last_delivery + self.max_wait
-        if self.owed or len(self.offsets) >= self.max_messages or self.nbytes >= self.max_bytes_or_inf \
+        if self.owed or len(self.offsets) >= self.max_messages or self.nbytes >= self.max_bytes \
                 or self.last_delivery >= self.cut_at:
             self._check_queue_done()  # the common case (none of these) without a call
         return out
@@ -471,7 +470,7 @@ class _Reader:
             return
         if len(self.offsets) >= self.max_messages:
             self.finish(why="max_messages")
-        elif self.max_bytes is not None and self.nbytes >= self.max_bytes:
+        elif self.nbytes >= self.max_bytes:
             self.finish(why="max_bytes")
         elif self.last_delivery >= self.cut_at:
             self.finish(why="max_wait")
