@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from ingest_defs.config import PipelineSpec, parse_pipeline
 from ingest_defs.lifecycle import BatchRunner
 from ingest_defs.resources.brokers import DEFAULT_MQTT, source_for
 from ingest_defs.sink import DeltaTableSink
-from ingest_defs.sources.mqtt import HASH_COLUMN, PID_COLUMN, parse_url
+from ingest_defs.sources.mqtt import HASH_COLUMN, PID_COLUMN, parse_url, payload_hash
 from ingest_tests.conftest import (
     failure_message,
     ingest_cli,
@@ -164,6 +165,7 @@ def test_batches_land_every_payload_once_with_contiguous_offsets(lake, instance,
     spec = mqtt_spec(max_messages=300)
     sessions.append(spec)
     register(spec)  # the session exists before anything is published: everything is queued
+    published_from = datetime.now(UTC)
     published = publish(spec, payloads(0, 700, bad_every=20))
     first = run_job(spec, instance, max_batches=2)  # part of the backlog ...
     assert first.success, failure_message(first)
@@ -171,6 +173,7 @@ def test_batches_land_every_payload_once_with_contiguous_offsets(lake, instance,
     published += publish(spec, payloads(700, 450, bad_every=20))  # ... then more arrives between batches
     runs = run_until_caught_up(spec, instance)
     assert len(runs) >= 2
+    landed_by = datetime.now(UTC)
     target, quarantine = assert_exactly_once(spec, published)
     # bad payloads are quarantined with their reason, good ones are in the target
     reasons = dict(zip(quarantine["_raw"].to_list(), quarantine["_error"].to_list(), strict=True))
@@ -186,11 +189,14 @@ def test_batches_land_every_payload_once_with_contiguous_offsets(lake, instance,
     assert target["_key"].null_count() == target.height
     assert target["_timestamp"].dtype == pl.Datetime("us", "UTC")
     assert target["_timestamp"].null_count() == 0
+    received = target["_timestamp"]  # receive times: after the first publish, before the last run ended
+    assert published_from - timedelta(milliseconds=1) <= received.min() and received.max() <= landed_by
     assert target["_batch_id"].n_unique() >= 3
     assert all(s.startswith(f"it/{spec.name}/sensor-") for s in target["_stream"].unique().to_list())
     for frame in (target, quarantine):  # fingerprints are in the rows of both tables
         assert frame[PID_COLUMN].dtype == pl.Int32 and frame[HASH_COLUMN].dtype == pl.Int64
         assert frame[PID_COLUMN].null_count() == 0 and frame[HASH_COLUMN].null_count() == 0
+        assert frame[HASH_COLUMN].to_list() == [payload_hash(p) for p in frame["_raw"].to_list()]
     # nothing is left on the broker and nothing comes twice
     again = run_job(spec, instance)
     assert again.success and materialization(again, spec)["messages"] == 0

@@ -111,6 +111,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import polars as pl
 from paho.mqtt.packettypes import PacketTypes
@@ -120,6 +121,7 @@ from ingest_defs.config import PipelineSpec
 from ingest_defs.security import mqtt_auth, redact
 from ingest_defs.sources.base import (
     Gap,
+    PackedPayloads,
     PartitionRange,
     PartitionState,
     Plan,
@@ -795,7 +797,7 @@ class MqttSource:
         qos = self._qos[:n].tolist()
         streams = self._topics[:n]
         wall = time.time() - time.monotonic()
-        timestamps = [int((t + wall) * 1000) for t in self._times[:n]]
+        timestamps = ((np.frombuffer(self._times, dtype=np.float64, count=n) + wall) * 1000).astype(np.int64)
         headers: list[Any] | None = None
         if self._headers:
             base = self._base
@@ -815,7 +817,7 @@ class MqttSource:
         pids = mids if not qos0 else [m if q else None for m, q in zip(mids, qos, strict=True)]
         extra = {
             PID_COLUMN: pl.Series(PID_COLUMN, pids, dtype=pl.Int32),
-            HASH_COLUMN: pl.Series(HASH_COLUMN, [payload_hash(p) for p in payloads], dtype=pl.Int64),
+            HASH_COLUMN: pl.Series(HASH_COLUMN, np.fromiter(map(payload_hash, payloads), np.int64, n), dtype=pl.Int64),
             QOS_COLUMN: pl.Series(QOS_COLUMN, qos, dtype=pl.Int8),
         }
         warnings = []
@@ -824,8 +826,10 @@ class MqttSource:
                             "QoS 0: at most once. The broker keeps no copy once it has sent them and never "
                             "redelivers them, so a crash between their receipt and the Delta commit loses them. "
                             "Publish at QoS 1 for exactly once.")
+        # Packed: the batch holds one buffer, not a `bytes` per message (decode reads it as is, `_raw` views it).
         return RawBatch(
-            payloads=payloads, offsets=list(range(start, start + n)), partitions=0, streams=streams, keys=None,
+            payloads=PackedPayloads(payloads), offsets=np.arange(start, start + n, dtype=np.int64), partitions=0,
+            streams=streams, keys=None,
             headers=headers, timestamps_ms=timestamps, covered=[PartitionRange(self.app_id, 0, start, start + n - 1)],
             nbytes=nbytes, extra_columns=extra, counters={"qos0_messages": qos0}, warnings=warnings,
             ack_token=(self._generation, [m for m, q in zip(mids, qos, strict=True) if q] if qos0 else mids),
