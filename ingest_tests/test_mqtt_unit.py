@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ingest_defs.sources.base import SourceError
@@ -95,3 +97,38 @@ def test_a_lost_session_gap_says_so_and_counts_nothing_as_lost():
     gap = SessionLostGap("p/mqtt/c", 0, 101, 100, "broker lost the persistent session", client_id="c")
     assert "lost the persistent session" in gap.describe()
     assert "'c'" in gap.describe() and "after offset 100" in gap.describe()
+
+
+def test_a_taken_batch_is_packed_and_keeps_every_payload_offset_time_and_fingerprint():
+    """`_take` turns the receive buffer's first n messages into a batch of packed columns: what decode, `_raw`
+    and the fingerprint columns read must be exactly what arrived (newlines, empty and short payloads too),
+    and the rest stays buffered for the next batch."""
+    from types import SimpleNamespace
+
+    from ingest_defs.config import parse_pipeline
+    from ingest_defs.resources.brokers import source_for
+    from ingest_defs.sources.base import PackedPayloads
+    from ingest_defs.sources.mqtt import HASH_COLUMN, PID_COLUMN, QOS_COLUMN
+
+    spec = parse_pipeline("unit_take", {"source": {"mqtt": {"topics": ["u/#"]}}, "table": "bronze/unit_take",
+                                        "schema": {"columns": {"id": {"dtype": "int64"}}}})
+    source = source_for(spec)  # no connection until a plan or read
+    payloads = [b'{"id": 1}', b"", b'{"id":\n 3}', b"x" * 12, b"y" * 13, b'{"id": 6}']
+    before_ms = int(time.time() * 1000)
+    for i, payload in enumerate(payloads):
+        source._on_message(None, None, SimpleNamespace(payload=payload, mid=100 + i, qos=0 if i == 3 else 1,
+                                                       timestamp=time.monotonic(), topic=f"u/{i % 2}",
+                                                       properties=None, dup=False))
+    batch = source._take(5, start=41)
+    after_ms = int(time.time() * 1000)
+    assert isinstance(batch.payloads, PackedPayloads) and list(batch.payloads) == payloads[:5]
+    assert batch.offsets.tolist() == [41, 42, 43, 44, 45] and batch.streams == ["u/0", "u/1"] * 2 + ["u/0"]
+    assert all(before_ms - 1 <= t <= after_ms + 1 for t in batch.timestamps_ms.tolist())  # ms, wall clock
+    assert batch.extra_columns[HASH_COLUMN].to_list() == [payload_hash(p) for p in payloads[:5]]
+    assert batch.extra_columns[PID_COLUMN].to_list() == [100, 101, 102, None, 104]  # QoS 0: no packet id
+    assert batch.extra_columns[QOS_COLUMN].to_list() == [1, 1, 1, 0, 1]
+    assert batch.ack_token[1] == [100, 101, 102, 104] and batch.nbytes == sum(map(len, payloads[:5]))
+    assert source._payloads == payloads[5:]  # the sixth waits for the next batch
+    assert len(source._take(0, start=46)) == 0
+    rest = source._take(1, start=46)
+    assert list(rest.payloads) == payloads[5:] and rest.offsets.tolist() == [46]
