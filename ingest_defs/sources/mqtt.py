@@ -806,7 +806,6 @@ class MqttSource:
                 headers = [None] * n
                 for i, h in found.items():
                     headers[i] = [(k, v.encode()) for k, v in h]
-        nbytes = sum(len(p) for p in payloads)
         self._consume(n)
         if len(self._topic_names) > 100_000:  # high-cardinality topics: do not grow without bound
             self._topic_names.clear()
@@ -827,11 +826,12 @@ class MqttSource:
                             "redelivers them, so a crash between their receipt and the Delta commit loses them. "
                             "Publish at QoS 1 for exactly once.")
         # Packed: the batch holds one buffer, not a `bytes` per message (decode reads it as is, `_raw` views it).
+        packed = PackedPayloads(payloads)
         return RawBatch(
-            payloads=PackedPayloads(payloads), offsets=np.arange(start, start + n, dtype=np.int64), partitions=0,
+            payloads=packed, offsets=np.arange(start, start + n, dtype=np.int64), partitions=0,
             streams=streams, keys=None,
             headers=headers, timestamps_ms=timestamps, covered=[PartitionRange(self.app_id, 0, start, start + n - 1)],
-            nbytes=nbytes, extra_columns=extra, counters={"qos0_messages": qos0}, warnings=warnings,
+            nbytes=packed.nbytes, extra_columns=extra, counters={"qos0_messages": qos0}, warnings=warnings,
             ack_token=(self._generation, [m for m, q in zip(mids, qos, strict=True) if q] if qos0 else mids),
         )
 
