@@ -93,14 +93,20 @@ def test_backfill_launched_through_the_webserver_graphql_api(lake, tmp_path: Pat
     env = {**os.environ, "DAGSTER_HOME": str(home), "INGEST_PIPELINES": str(pipelines), "LAKE_ROOT": str(lake)}
     port = free_port()
     workspace = ["-w", str(REPO_ROOT / "workspace.yaml")]
+    # Creates the SQLite storages before the two services start: two processes creating them at once can both
+    # stamp the schema version, and each then fails at start-up with "more than one head present".
+    instance = dg.DagsterInstance.from_config(str(home))
     with open(tmp_path / "daemon.log", "w") as daemon_log, open(tmp_path / "webserver.log", "w") as web_log:
         procs = [subprocess.Popen([str(BIN / "dagster-daemon"), "run", *workspace], cwd=REPO_ROOT, env=env,
                                   stdout=daemon_log, stderr=subprocess.STDOUT),
                  subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *workspace],
                                   cwd=REPO_ROOT, env=env, stdout=web_log, stderr=subprocess.STDOUT)]
-    instance = dg.DagsterInstance.from_config(str(home))
     try:
         def loaded() -> bool:
+            for proc, log in zip(procs, ("daemon.log", "webserver.log"), strict=True):
+                if proc.poll() is not None:  # a service that died is a failure now, with its log, not a timeout
+                    tail = "\n".join((tmp_path / log).read_text().splitlines()[-30:])
+                    raise AssertionError(f"{proc.args[0]} exited ({proc.returncode}):\n{tail}")
             try:
                 data = graphql(port, "{ workspaceOrError { ... on Workspace { locationEntries { "
                                      "locationOrLoadError { __typename } } } } }")
