@@ -32,6 +32,9 @@ setup: $(VENV)/.installed
 	@$(PY) -m compileall -q ingest_defs  # this package's bytecode too (only what changed)
 	$(PY) -c "from ingest_defs.stack import manager, registry; manager.ensure_system_packages(); manager.ensure_kafka_jars(); registry.ensure_dist()"
 	$(PY) -m ingest_defs.assets.dbt parse  # dbt/target/manifest.json: the code location loads it, never parses
+	@# dagster_home's SQLite storages, made once here: two processes making them at once (a daemon and a
+	@# webserver, two `ingest run`s) can both stamp the schema version and leave it unusable (dagster#27390)
+	$(PY) -c "from dagster import DagsterInstance; DagsterInstance.get().dispose()"
 
 stack: setup
 	$(INGEST) stack up
