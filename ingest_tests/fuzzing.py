@@ -288,12 +288,7 @@ def check_message_alone_and_among_others(message: bytes, with_dates: bool = True
 
 def check_values_kept(message: bytes, row: tuple[Any, ...], dtypes: dict[str, pl.DataType]) -> None:
     """An accepted message's values are what a careful JSON reader sees: never silently changed."""
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(limit + 2000)  # accepted messages may nest up to 1024 levels
-    try:
-        obj = json.loads(message)
-    finally:
-        sys.setrecursionlimit(limit)
+    obj = _loads_deep(message)
     assert isinstance(obj, dict)
     for (name, dtype), got in zip(dtypes.items(), row, strict=True):
         want = obj.get(name)
@@ -312,23 +307,44 @@ def check_values_kept(message: bytes, row: tuple[Any, ...], dtypes: dict[str, pl
                 assert got == want, f"{name}: {got!r} != {want!r} (a string must be kept exactly)"
             else:  # documented: a non-string value is kept as the reader renders it (numbers normalized)
                 try:
-                    rendered = json.loads(got)
+                    rendered = _loads_deep(got)
                 except ValueError:  # documented: the reader writes control characters in nested strings raw
                     assert any(ord(c) < 0x20 for c in got), f"{name}: {got!r} is not JSON"
                     continue
                 assert _same_json(rendered, want), f"{name}: {got!r} is not the JSON of {want!r}"
 
 
+def _loads_deep(text: str | bytes) -> Any:
+    """json.loads with room for the 1024 levels an accepted message may nest (its C scanner recurses)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2000)
+    try:
+        return json.loads(text)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 def _same_json(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
-        return a is b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return float(a) == float(b)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
-    return a == b
+    """Equal as JSON values (numbers by value, booleans apart from numbers). Iterative: a value may nest
+    1024 levels, deeper than Python's recursion limit allows a recursive walk."""
+    pairs = [(a, b)]
+    while pairs:
+        a, b = pairs.pop()
+        if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+            same = a is b
+        elif isinstance(a, int | float) and isinstance(b, int | float):
+            same = float(a) == float(b)
+        elif isinstance(a, list) and isinstance(b, list):
+            same = len(a) == len(b)
+            pairs.extend(zip(a, b, strict=False))
+        elif isinstance(a, dict) and isinstance(b, dict):
+            same = a.keys() == b.keys()
+            pairs.extend((a[k], b[k]) for k in a if k in b)
+        else:
+            same = a == b
+        if not same:
+            return False
+    return True
 
 
 def run_rows(batch: list[bytes], keys: list[bytes | None] | None = None,

@@ -10,17 +10,25 @@ Properties, over structured hostile JSON, raw bytes and mutated good messages:
   whatever the keys and broker timestamps.
 """
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from ingest_defs.decode import MAX_DEPTH
 from ingest_tests import fuzzing
 
 BOUNDED = settings(max_examples=100, deadline=None, database=None, print_blob=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+def nested(levels: int) -> bytes:
+    """A message `levels` deep: its `name` field is arrays nested in arrays (the object is level 1)."""
+    return b'{"id":0,"name":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+
 @BOUNDED
 @given(fuzzing.payloads(), st.booleans())
+@example(nested(MAX_DEPTH), False)  # the deepest accepted: its value kept (the long profile found it once)
+@example(nested(MAX_DEPTH + 1), False)  # one level deeper: quarantined with a reason
 def test_a_message_decodes_the_same_alone_and_among_others(message: bytes, with_dates: bool):
     fuzzing.check_message_alone_and_among_others(message, with_dates)
 
