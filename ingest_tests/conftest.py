@@ -107,6 +107,24 @@ def write_pipelines_file(path: Path, specs: list[PipelineSpec]) -> Path:
     return path
 
 
+def cli_env(specs: PipelineSpec | list[PipelineSpec], tmp_path: Path, lake: Path | None = None, home: str = "dh",
+            **extra: str) -> dict[str, str]:
+    """The environment of an `ingest` child process (`ingest_cli`): a pipelines file of `specs`, a Dagster home
+    `tmp_path/home` whose SQLite storage is created here, once (a daemon, a webserver or two commands creating
+    it at the same time can stamp two schema heads and leave the home unusable: dagster#27390), the lake when
+    given, and `extra` (faults, broker URLs) on top."""
+    specs = [specs] if isinstance(specs, PipelineSpec) else specs
+    home_dir = tmp_path / home
+    if not home_dir.exists():
+        home_dir.mkdir()
+        dg.DagsterInstance.from_config(str(home_dir)).dispose()
+    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / f"pipelines-{home}.yaml", specs)),
+           "DAGSTER_HOME": str(home_dir)}
+    if lake is not None:
+        env["LAKE_ROOT"] = str(lake)
+    return {**env, **extra}
+
+
 def run_job(spec: PipelineSpec, instance: dg.DagsterInstance, **config: Any) -> dg.ExecuteInProcessResult:
     """One run of the pipeline's job, in process (the same job a sensor launches)."""
     defs = build_definitions({spec.name: spec})

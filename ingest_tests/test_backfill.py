@@ -26,6 +26,7 @@ from ingest_defs.sink import DeltaTableSink
 from ingest_tests.conftest import (
     USER_ACTIVITY_SCHEMA,
     assert_exactly_once,
+    cli_env,
     failure_message,
     ingest_cli,
     kafka_spec,
@@ -228,9 +229,7 @@ def test_backfill_next_to_live_batches_doubles_nothing(lake, instance):
 def test_crash_before_the_ledger_row_is_repaired_by_the_next_run(lake, instance, tmp_path: Path):
     spec = kafka_spec(partitions=1, batch={"max_messages": 250})
     produced = produce(spec, make_samples(spec, 500, bad_fraction=0.05, seed=67).payloads)
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])),
-           "LAKE_ROOT": str(lake), "DAGSTER_HOME": str(tmp_path / "dh"), "INGEST_FAULT": "before_ledger"}
-    (tmp_path / "dh").mkdir()
+    env = cli_env(spec, tmp_path, lake, INGEST_FAULT="before_ledger")
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], env)
     assert crashed.returncode != 0
     target, _ = landed(spec)

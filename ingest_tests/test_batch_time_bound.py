@@ -22,13 +22,13 @@ from ingest_defs.resources.brokers import DEFAULT_MQTT
 from ingest_defs.sources.nats import _Reader
 from ingest_tests.conftest import (
     assert_exactly_once,
+    cli_env,
     failure_message,
     ingest_cli,
     landed,
     materialization,
     run_job,
     run_until_caught_up,
-    write_pipelines_file,
 )
 from ingest_tests.test_mqtt_pipeline import assert_exactly_once as assert_mqtt_exactly_once
 from ingest_tests.test_mqtt_pipeline import direct_batch, mqtt_spec, register
@@ -69,9 +69,7 @@ def test_mqtt_kill_right_after_a_time_cut_commit_doubles_and_loses_nothing(lake,
     spec = mqtt_spec(batch={"max_messages": 50_000, "idle_ms": 500, "max_wait_seconds": 1.0})
     sessions.append(spec)
     register(spec)
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])), "LAKE_ROOT": str(lake),
-           "DAGSTER_HOME": str(tmp_path / "dh"), "MQTT_URL": os.environ.get("MQTT_URL", DEFAULT_MQTT),
-           "INGEST_FAULT": "after_target_commit"}
+    env = cli_env(spec, tmp_path, lake, MQTT_URL=os.environ.get("MQTT_URL", DEFAULT_MQTT), INGEST_FAULT="after_target_commit")
     with ContinuousPublisher(spec, qos1_every=1) as publisher:
         crashed = ingest_cli(["run", spec.name], env)  # killed after its first commit, before the PUBACKs
         assert crashed.returncode == -9, crashed.stdout + crashed.stderr

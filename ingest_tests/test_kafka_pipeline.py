@@ -18,6 +18,7 @@ from ingest_defs.samples import make_samples
 from ingest_tests.conftest import (
     assert_exactly_once,
     assert_gap_policy,
+    cli_env,
     failure_message,
     ingest_cli,
     kafka_spec,
@@ -25,7 +26,6 @@ from ingest_tests.conftest import (
     materialization,
     run_job,
     run_until_caught_up,
-    write_pipelines_file,
 )
 
 pytestmark = pytest.mark.usefixtures("stack")
@@ -198,8 +198,7 @@ def test_crash_after_delta_commit_before_offset_commit_doubles_nothing(lake, ins
     spec = kafka_spec(partitions=2, batch={"max_messages": 400})
     samples = make_samples(spec, 1000, bad_fraction=0.02, seed=4)
     produced = produce(spec, samples.payloads, samples.keys)
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])),
-           "LAKE_ROOT": str(lake), "DAGSTER_HOME": str(tmp_path / "dh"), "INGEST_FAULT": "after_target_commit"}
+    env = cli_env(spec, tmp_path, lake, INGEST_FAULT="after_target_commit")
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], env)
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, _ = landed(spec)
@@ -214,8 +213,7 @@ def test_crash_between_quarantine_and_target_commit_doubles_nothing(lake, instan
     spec = kafka_spec(partitions=1, batch={"max_messages": 500})
     samples = make_samples(spec, 800, bad_fraction=0.1, seed=5)
     produced = produce(spec, samples.payloads, samples.keys)
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])),
-           "LAKE_ROOT": str(lake), "DAGSTER_HOME": str(tmp_path / "dh"), "INGEST_FAULT": "after_quarantine_commit"}
+    env = cli_env(spec, tmp_path, lake, INGEST_FAULT="after_quarantine_commit")
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], env)
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)
@@ -228,10 +226,7 @@ def test_two_runs_at_once_double_nothing(lake, tmp_path: Path):
     spec = kafka_spec(partitions=2, batch={"max_messages": 300})
     samples = make_samples(spec, 3000, bad_fraction=0.02, seed=6)
     produced = produce(spec, samples.payloads, samples.keys)
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])),
-           "LAKE_ROOT": str(lake), "DAGSTER_HOME": str(tmp_path / "dh")}
-    (tmp_path / "dh").mkdir()
-    dg.DagsterInstance.from_config(str(tmp_path / "dh")).dispose()  # create its SQLite storage once
+    env = cli_env(spec, tmp_path, lake)
     results = [None, None]
 
     def run(i: int) -> None:

@@ -36,6 +36,7 @@ from ingest_defs.resources.brokers import DEFAULT_MQTT, source_for
 from ingest_defs.sink import DeltaTableSink
 from ingest_defs.sources.mqtt import HASH_COLUMN, PID_COLUMN, parse_url, payload_hash
 from ingest_tests.conftest import (
+    cli_env,
     failure_message,
     ingest_cli,
     landed,
@@ -43,7 +44,6 @@ from ingest_tests.conftest import (
     run_job,
     run_until_caught_up,
     unique,
-    write_pipelines_file,
 )
 
 pytestmark = pytest.mark.usefixtures("stack")
@@ -208,9 +208,7 @@ def test_crash_after_delta_commit_before_pubacks_doubles_nothing(lake, instance,
     sessions.append(spec)
     register(spec)
     published = publish(spec, payloads(0, 800, bad_every=25))
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])), "LAKE_ROOT": str(lake),
-           "DAGSTER_HOME": str(tmp_path / "dh"), "MQTT_URL": os.environ.get("MQTT_URL", DEFAULT_MQTT),
-           "INGEST_FAULT": "after_target_commit"}
+    env = cli_env(spec, tmp_path, lake, MQTT_URL=os.environ.get("MQTT_URL", DEFAULT_MQTT), INGEST_FAULT="after_target_commit")
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], env)
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)
@@ -242,9 +240,8 @@ def test_crash_between_quarantine_and_target_commit_doubles_nothing(lake, instan
     sessions.append(spec)
     register(spec)
     published = publish(spec, payloads(0, 500, bad_every=10))
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])), "LAKE_ROOT": str(lake),
-           "DAGSTER_HOME": str(tmp_path / "dh"), "MQTT_URL": os.environ.get("MQTT_URL", DEFAULT_MQTT),
-           "INGEST_FAULT": "after_quarantine_commit"}
+    env = cli_env(spec, tmp_path, lake, MQTT_URL=os.environ.get("MQTT_URL", DEFAULT_MQTT),
+                  INGEST_FAULT="after_quarantine_commit")
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], env)
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)

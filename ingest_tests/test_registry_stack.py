@@ -12,9 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from ingest_defs.config import REPO_ROOT
@@ -22,10 +20,10 @@ from ingest_defs.formats.registry import registry_for
 from ingest_defs.stack import manager, registry
 from ingest_tests.conftest import (
     assert_exactly_once,
+    cli_env,
     landed,
     run_until_caught_up,
     wait_for,
-    write_pipelines_file,
 )
 from ingest_tests.formats_cases import AVRO_V1, FORMATS, JSON_V1, PROTO_V1, Producer, record, registry_url
 from ingest_tests.test_formats_pipeline import registry_spec
@@ -68,14 +66,6 @@ def test_schemas_survive_a_stack_restart():
     assert (manager.stack_dir() / "registry" / "data" / "registry.mv.db").exists()
 
 
-def cli_env(spec, lake: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    home = tmp_path / f"dh-{spec.name}"
-    home.mkdir()
-    dg.DagsterInstance.from_config(str(home)).dispose()
-    return {**os.environ, "INGEST_PIPELINES": str(write_pipelines_file(tmp_path / f"{spec.name}.yaml", [spec])),
-            "LAKE_ROOT": str(lake), "DAGSTER_HOME": str(home), **extra}
-
-
 def test_registry_killed_mid_batch_fails_before_any_commit_and_the_rerun_lands_exactly_once(lake, instance, tmp_path):
     specs = {fmt: registry_spec(fmt) for fmt in FORMATS}
     produced = {}
@@ -86,7 +76,8 @@ def test_registry_killed_mid_batch_fails_before_any_commit_and_the_rerun_lands_e
     try:
         for fmt, spec in specs.items():  # each run stalls after its broker read, before decoding
             markers[fmt] = tmp_path / f"stalled-{fmt}"
-            env = cli_env(spec, lake, tmp_path, INGEST_FAULT="stall:after_read", INGEST_FAULT_FILE=str(markers[fmt]))
+            env = {**os.environ, **cli_env(spec, tmp_path, lake, home=f"dh-{spec.name}", INGEST_FAULT="stall:after_read",
+                                          INGEST_FAULT_FILE=str(markers[fmt]))}
             runs[fmt] = subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name], env=env,
                                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for(lambda: all(m.exists() for m in markers.values()), timeout=180)

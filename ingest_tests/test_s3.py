@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import dagster as dg
 import duckdb
 import polars as pl
 import pyarrow as pa
@@ -36,6 +35,7 @@ from ingest_defs.stack import manager
 from ingest_defs.storage import location, table_location
 from ingest_tests.conftest import (
     assert_exactly_once,
+    cli_env,
     failure_message,
     ingest_cli,
     kafka_spec,
@@ -44,7 +44,6 @@ from ingest_tests.conftest import (
     run_until_caught_up,
     unique,
     wait_for,
-    write_pipelines_file,
 )
 from ingest_tests.s3_faults import FaultProxy
 from ingest_tests.test_kafka_pipeline import group_offsets, produce
@@ -59,15 +58,6 @@ def s3_client(server: dict[str, str]):
                         config=Config(retries={"max_attempts": 1}, max_pool_connections=16,
                                       request_checksum_calculation="when_required",
                                       response_checksum_validation="when_required"))
-
-
-def cli_env(spec, tmp_path: Path, **extra: str) -> dict[str, str]:
-    home = tmp_path / "dh"
-    if not home.exists():
-        home.mkdir()
-        dg.DagsterInstance.from_config(str(home)).dispose()
-    return {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])), "DAGSTER_HOME": str(home),
-            **extra}
 
 
 # ---------------------------------------------------------------- the server's conditional writes

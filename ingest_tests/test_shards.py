@@ -26,10 +26,10 @@ from ingest_defs.shards import Shard, shard_op_name, shards_of
 from ingest_defs.sink import DeltaTableSink
 from ingest_tests.conftest import (
     assert_exactly_once,
+    cli_env,
     failure_message,
     ingest_cli,
     kafka_spec,
-    write_pipelines_file,
 )
 from ingest_tests.test_backfill import backfill, ledger_frame, replay_metadata
 from ingest_tests.test_kafka_pipeline import BOOTSTRAP, group_offsets, produce
@@ -214,10 +214,7 @@ def test_ingest_run_runs_every_shard_as_its_own_run_and_replay_covers_them(lake,
     spec = kafka_spec(partitions=4, shards=2, batch={"max_messages": 400})
     samples = make_samples(spec, 1600, bad_fraction=0.02, seed=155)
     produced = produce(spec, samples.payloads, samples.keys)
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])),
-           "LAKE_ROOT": str(lake), "DAGSTER_HOME": str(tmp_path / "dh")}
-    (tmp_path / "dh").mkdir()
-    dg.DagsterInstance.from_config(str(tmp_path / "dh")).dispose()  # create its SQLite storage once
+    env = cli_env(spec, tmp_path, lake)
     wrong = ingest_cli(["run", spec.name, "--shard", "2"], env)
     assert wrong.returncode == 2 and "shard 2 does not exist" in wrong.stderr  # errors go to stderr
     done = ingest_cli(["run", spec.name], env)

@@ -35,12 +35,12 @@ from ingest_defs.resources.brokers import source_for
 from ingest_tests.chaos.conftest import ROWS, ChaosRow
 from ingest_tests.conftest import (
     USER_ACTIVITY_SCHEMA,
+    cli_env,
     ingest_cli,
     landed,
     run_until_caught_up,
     unique,
     wait_for,
-    write_pipelines_file,
 )
 
 pytestmark = pytest.mark.usefixtures("stack")
@@ -117,15 +117,6 @@ def assert_exact(row: ChaosRow) -> None:
     assert row.landed + row.quarantined == row.produced, row
 
 
-def cli_env(spec: PipelineSpec, lake: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    home = tmp_path / "dh"
-    if not home.exists():
-        home.mkdir()
-        dg.DagsterInstance.from_config(str(home)).dispose()  # its SQLite storage, made once
-    return {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])), "LAKE_ROOT": str(lake),
-            "DAGSTER_HOME": str(home), **extra}
-
-
 def resume(spec: PipelineSpec, instance: dg.DagsterInstance) -> int:
     return len(run_until_caught_up(spec, instance))
 
@@ -148,7 +139,7 @@ def test_kill_at_each_lifecycle_point_then_resume(lake, instance, tmp_path: Path
     spec = chaos_spec(broker)
     payloads, keys = messages(400, poison_every=9)  # poison in every batch: both tables get commits
     produce(spec, payloads, keys)
-    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], cli_env(spec, lake, tmp_path, INGEST_FAULT=point))
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], cli_env(spec, tmp_path, lake, INGEST_FAULT=point))
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
     if point == "during_target_commit":
         target, _ = landed(spec)
@@ -181,7 +172,7 @@ def test_broker_restart_during_a_batch(lake, instance, tmp_path: Path, broker: s
     payloads, keys = messages(400, poison_every=11)
     produce(spec, payloads, keys)
     marker = tmp_path / "stalled"
-    env = cli_env(spec, lake, tmp_path, INGEST_FAULT="stall:after_read", INGEST_FAULT_FILE=str(marker))
+    env = cli_env(spec, tmp_path, lake, INGEST_FAULT="stall:after_read", INGEST_FAULT_FILE=str(marker))
     run = subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name, "--max-batches", "2"],
                            env={**os.environ, **env}, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -205,7 +196,7 @@ def test_two_runs_of_one_pipeline_at_once(lake, instance, tmp_path: Path, broker
     spec = chaos_spec(broker, max_messages=100)
     payloads, keys = messages(500, poison_every=13)
     produce(spec, payloads, keys)
-    env = {**os.environ, **cli_env(spec, lake, tmp_path)}
+    env = {**os.environ, **cli_env(spec, tmp_path, lake)}
     runs = [subprocess.Popen([sys.executable, "-m", "ingest_defs", "run", spec.name, "--max-batches", "3"],
                              env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
