@@ -12,8 +12,8 @@ own file, `INGEST_FAULT_FILE` + `-<point>`.
 Points: after_plan (the batch is planned, nothing read yet), after_read, after_quarantine_commit,
 during_target_commit (the target's data files are written, its log entry is not: see `DeltaTableSink.append`),
 after_target_commit (before the broker ack), before_ledger (the target committed, its ledger row not yet),
-after_ack. A batch committed on the writer thread (bounded sources) writes its ledger row there while the
-main thread acknowledges it, so before_ledger and after_target_commit/after_ack may come in either order.
+after_ack. A batch is committed on the writer thread, which writes its ledger row there while the main
+thread acknowledges it, so before_ledger and after_target_commit/after_ack may come in either order.
 """
 
 from __future__ import annotations

@@ -329,7 +329,12 @@ class BatchRunner:
                         inflight = (result, raw, committing, writer.submit(self._record_once_committed, committing,
                                                                            result, raw))
                     else:
-                        self._finish(result, raw, None, results)
+                        # No read-ahead (a batch ends when the broker stops sending), but the same split: the
+                        # ledger row on the writer thread while this thread acknowledges the committed batch.
+                        committing = writer.submit(self._commit, result, raw)
+                        recording = writer.submit(self._record_once_committed, committing, result, raw)
+                        self._finish(result, raw, committing, results, recording)
+                        del committing, recording
                         del raw  # not held through the next read
                         release_after_batch(result.nbytes)
                         last = results[-1]

@@ -23,6 +23,7 @@ from deltalake import DeltaTable, write_deltalake
 from nats.js import api
 
 from ingest_defs.config import PipelineSpec, parse_pipeline
+from ingest_defs.ledger import Ledger
 from ingest_defs.resources.brokers import DEFAULT_NATS, source_for
 from ingest_defs.samples import Samples, make_samples
 from ingest_defs.sources import nats as nats_source
@@ -30,6 +31,7 @@ from ingest_tests.conftest import (
     USER_ACTIVITY_SCHEMA,
     assert_exactly_once,
     assert_gap_policy,
+    cli_env,
     failure_message,
     ingest_cli,
     landed,
@@ -37,7 +39,6 @@ from ingest_tests.conftest import (
     run_job,
     run_until_caught_up,
     unique,
-    write_pipelines_file,
 )
 
 pytestmark = pytest.mark.usefixtures("stack")
@@ -147,12 +148,8 @@ def delta_version(spec: PipelineSpec) -> int | None:
     return DeltaTable(spec.table_uri()).transaction_version(app_id(spec))
 
 
-def cli_env(spec: PipelineSpec, lake: Path, tmp_path: Path, fault: str | None = None) -> dict[str, str]:
-    env = {"INGEST_PIPELINES": str(write_pipelines_file(tmp_path / "p.yaml", [spec])), "LAKE_ROOT": str(lake),
-           "DAGSTER_HOME": str(tmp_path / "dh"), "NATS_URL": NATS_URL}
-    if fault:
-        env["INGEST_FAULT"] = fault
-    return env
+def nats_env(spec: PipelineSpec, lake: Path, tmp_path: Path, fault: str | None = None) -> dict[str, str]:
+    return cli_env(spec, tmp_path, lake, NATS_URL=NATS_URL, **({"INGEST_FAULT": fault} if fault else {}))
 
 
 def good_ids(*samples: Samples) -> set[int]:
@@ -350,7 +347,7 @@ def test_crash_after_delta_commit_before_ack_doubles_nothing(lake, instance, tmp
     ensure_exists(spec)
     samples = make_samples(spec, 1000, bad_fraction=0.02, seed=4)
     produced = produce(spec, samples)
-    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], cli_env(spec, lake, tmp_path, "after_target_commit"))
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], nats_env(spec, lake, tmp_path, "after_target_commit"))
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, _ = landed(spec)
     assert target.height > 0  # the commit happened
@@ -367,6 +364,30 @@ def test_crash_after_delta_commit_before_ack_doubles_nothing(lake, instance, tmp
         assert sorted(target["_raw"].to_list()) == sorted(p for i, p in enumerate(samples.payloads) if i not in samples.bad)
 
 
+def test_a_work_queue_batch_killed_before_its_ledger_row_lands_once_and_the_row_is_rebuilt(lake, instance,
+                                                                                         tmp_path: Path):
+    """The ledger row is written while the batch is acknowledged (after its target commit): a kill there may
+    come before or after the acks reached the server. Either way the batch is in Delta once and the next run
+    rebuilds its ledger row; what was not acknowledged is redelivered and not written twice."""
+    spec = nats_spec("workqueue", batch={"max_messages": 300})
+    ensure_exists(spec)
+    samples = make_samples(spec, 700, bad_fraction=0.03, seed=21)
+    produced = produce(spec, samples)
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], nats_env(spec, lake, tmp_path, "before_ledger"))
+    assert crashed.returncode == -9, crashed.stdout + crashed.stderr
+    target, quarantine = landed(spec)
+    assert target.height + quarantine.height == 300  # the first batch committed ...
+    assert Ledger(spec.ledger_uri(), spec.name).frame().is_empty()  # ... and has no ledger row
+    committed_batch = target["_batch_id"].unique().to_list()
+    run_until_caught_up(spec, instance)
+    assert_exactly_once(spec, produced)
+    assert stream_state(spec).messages == 0
+    ledger = Ledger(spec.ledger_uri(), spec.name).frame()
+    assert set(committed_batch) <= set(ledger["batch_id"])  # rebuilt from the target's commit
+    covered = [o for s, e in ledger.select("range_start", "range_end").iter_rows() for o in range(s, e + 1)]
+    assert sorted(covered) == list(range(1, 701))  # every stream sequence in exactly one ledger row
+
+
 @pytest.mark.parametrize("retention", ["workqueue", "interest"])
 def test_redelivery_after_ack_wait_doubles_nothing(lake, instance, tmp_path: Path, retention: str):
     """A batch dies after reading; ack_wait passes, so the broker redelivers; then a batch dies after its
@@ -375,7 +396,7 @@ def test_redelivery_after_ack_wait_doubles_nothing(lake, instance, tmp_path: Pat
     ensure_exists(spec)
     samples = make_samples(spec, 600, bad_fraction=0.05, seed=12)
     produced = produce(spec, samples)
-    env = cli_env(spec, lake, tmp_path)
+    env = nats_env(spec, lake, tmp_path)
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], {**env, "INGEST_FAULT": "after_read"})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)
@@ -407,7 +428,7 @@ def test_batch_started_while_a_crashed_batch_is_pending_loses_nothing(lake, inst
     ensure_exists(spec)
     first = make_samples(spec, 100, seed=15)
     produced = produce(spec, first)
-    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], {**cli_env(spec, lake, tmp_path),
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], {**nats_env(spec, lake, tmp_path),
                                                                      "INGEST_FAULT": "after_read"})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     assert consumer(spec).num_ack_pending == 100
