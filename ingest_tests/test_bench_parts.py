@@ -1,8 +1,12 @@
 """Pure parts of `make bench` that its figures depend on: traffic shapes, the soak's pipelines and process
-roles, RSS growth. (The benchmarks themselves run in `make bench`, not in `make test`.)"""
+roles, RSS growth, the memory floor's pipeline. (The benchmarks themselves run in `make bench`, not in `make test`.)"""
 
 from __future__ import annotations
 
+import polars as pl
+
+from ingest_defs.bench.common import payload
+from ingest_defs.bench.memory import library_floor
 from ingest_defs.bench.soak import growth, role_of, soak_skipped, soak_specs
 from ingest_defs.bench.traffic import bursty, uniform, with_sent_at
 from ingest_defs.config import DEFAULT_PIPELINES_FILE, load_pipelines
@@ -51,3 +55,13 @@ def test_process_roles_and_growth():
     g = growth(samples, "daemon")
     assert (g["first_mb"], g["last_mb"], g["peak_mb"]) == (200, 205, 205)
     assert g["slope_first_half_mb_per_min"] > 0.5 and g["slope_second_half_mb_per_min"] == 0
+
+
+def test_the_memory_floor_writes_every_payload_once_as_a_bare_pipeline_would():
+    floor = library_floor(batch=500, batches=3)
+    rows = pl.read_delta(floor["table"]).sort("_offset")
+    assert rows["_offset"].to_list() == list(range(1500))
+    assert rows["_raw"].to_list() == [payload(i) for i in range(1500)]
+    assert rows["id"].to_list() == list(range(1500))  # decoded into the schema's columns
+    assert floor["payload_bytes_per_batch_mb"] * 2**20 == max(
+        sum(len(payload(b * 500 + i)) for i in range(500)) for b in range(3))

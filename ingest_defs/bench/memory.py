@@ -10,6 +10,7 @@ batches mean the backlog's size should not change the peak: both sizes are measu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -54,17 +55,49 @@ def _pipeline(broker: str, backlog: int, batch: int) -> dict[str, Any]:
 class _AnonymousPeak:
     """The process's private (anonymous) memory at its highest, sampled every 5 ms on a thread: VmHWM counts
     the shared libraries' code pages too, which a process maps in as it first runs them (polars' JSON
-    reader, delta-rs's writer: ~65 MB once per process, clean and shared, given back under pressure)."""
+    reader, delta-rs's writer: ~65 MB once per process, clean and shared, given back under pressure).
+
+    `watch` also keeps the highest sample taken while a stage ran (a method of the batch path: read, decode
+    + validate, the Delta commits, the ledger, the ack), which says where the peak is. Stages overlap where
+    the batch path overlaps them (a read-ahead read runs while the previous batch is written)."""
 
     def __init__(self) -> None:
         self.peak_kb = _status_kb("RssAnon")
+        self.stage_peaks_kb: dict[str, int] = {}
+        self._running: dict[str, int] = {}  # stage -> calls in progress (stages may run on two threads)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
+    def _take_sample(self) -> None:
+        kb = _status_kb("RssAnon")
+        with self._lock:
+            self.peak_kb = max(self.peak_kb, kb)
+            for stage, calls in self._running.items():
+                if calls:
+                    self.stage_peaks_kb[stage] = max(self.stage_peaks_kb.get(stage, 0), kb)
+
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak_kb = max(self.peak_kb, _status_kb("RssAnon"))
+            self._take_sample()
+
+    def watch(self, owner: Any, method: str, stage: str) -> None:
+        """Count the samples taken while `owner.method` runs towards `stage` (one sample at its start and end too)."""
+        call = getattr(owner, method)
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self._running[stage] = self._running.get(stage, 0) + 1
+            self._take_sample()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._take_sample()
+                with self._lock:
+                    self._running[stage] -= 1
+
+        setattr(owner, method, watched)
 
     def stop(self) -> int:
         self._stop.set()
@@ -82,7 +115,12 @@ def drain(settings: dict[str, Any]) -> dict[str, Any]:
     runner.identity()
     runner.plan()  # connection, metadata and table checks done: this is the idle baseline
     baseline_kb, anon_baseline_kb, file_baseline_kb = (_status_kb(f) for f in ("VmRSS", "RssAnon", "RssFile"))
+    modules_at_baseline = set(sys.modules)
     anon = _AnonymousPeak()
+    for owner, method, stage in [(source, "read", "read"), (runner, "_rows", "decode + validate"),
+                                 (runner.target, "append", "delta commits"), (runner.quarantine, "append", "delta commits"),
+                                 (runner.ledger, "append", "ledger"), (source, "acknowledge", "ack")]:
+        anon.watch(owner, method, stage)
     started = time.perf_counter()
     results = runner.run()
     seconds = time.perf_counter() - started
@@ -91,9 +129,55 @@ def drain(settings: dict[str, Any]) -> dict[str, Any]:
     with_data = [r for r in results if r.messages]
     return {"baseline_mb": baseline_kb / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
             "anon_above_baseline_mb": (anon_peak_kb - anon_baseline_kb) / 1024,
+            "anon_stage_peaks_mb": {stage: (kb - anon_baseline_kb) / 1024 for stage, kb in anon.stage_peaks_kb.items()},
             "code_pages_mapped_mb": (_status_kb("RssFile") - file_baseline_kb) / 1024,
+            # code the first batch imports (pandera's polars backend, pyarrow.compute, ...): see `import_cost`
+            "modules_first_imported": sorted(set(sys.modules) - modules_at_baseline),
             "messages": sum(r.rows_written + r.rows_quarantined for r in results), "batches": len(with_data),
             "payload_bytes_per_batch_mb": max(r.nbytes for r in with_data) / 2**20, "seconds": seconds}
+
+
+def import_cost(broker: str, modules: list[str]) -> dict[str, Any]:
+    """In the child: the private memory that importing `modules` adds to a process that has imported what a
+    drain of `broker` has at its baseline. The modules a drain's first batch imports are code loaded once per
+    process, not memory of the batch: this tells how much of the first-batch ("fixed") cost they are."""
+    import importlib
+
+    importlib.import_module(f"ingest_defs.sources.{broker}")  # as `source_for` in `drain` before its baseline
+    before = _status_kb("RssAnon")
+    for name in modules:
+        with contextlib.suppress(Exception):  # a module that imports only as part of its parent
+            importlib.import_module(name)
+    return {"imports_mb": (_status_kb("RssAnon") - before) / 1024}
+
+
+def library_floor(batch: int, batches: int = 4) -> dict[str, Any]:
+    """In the child: what the libraries alone cost to take batches of `batch` messages into a Delta table, as a
+    bare pipeline would: the payloads held as a client hands them over (a `bytes` each), polars' JSON reader
+    into the schema's columns, the raw payload and offset columns, `write_deltalake` (append). None of the
+    product's standard columns, validation, quarantine, ledger or read-ahead: the floor under its figures."""
+    import polars as pl
+    from deltalake import write_deltalake
+
+    from ingest_defs.bench.common import payload
+    from ingest_defs.config import DTYPES
+
+    schema = {name: DTYPES[column["dtype"]] for name, column in SCHEMA["columns"].items()}
+    table = str(Path(tempfile.mkdtemp(prefix="bench-memory-floor-")) / "bronze")
+    write_deltalake(table, pl.DataFrame(schema=schema).with_columns(
+        pl.lit(None, pl.Binary).alias("_raw"), pl.lit(None, pl.Int64).alias("_offset")).to_arrow(), mode="error")
+    anon_baseline_kb = _status_kb("RssAnon")
+    anon = _AnonymousPeak()
+    nbytes = 0
+    for b in range(batches):
+        payloads = [payload(b * batch + i) for i in range(batch)]
+        nbytes = max(nbytes, sum(map(len, payloads)))
+        frame = pl.read_ndjson(b"\n".join(payloads), schema=schema).with_columns(
+            pl.Series("_raw", payloads, dtype=pl.Binary), pl.int_range(b * batch, (b + 1) * batch).alias("_offset"))
+        write_deltalake(table, frame.to_arrow(compat_level=pl.CompatLevel.newest()), mode="append")
+        del payloads, frame
+    return {"anon_above_baseline_mb": (anon.stop() - anon_baseline_kb) / 1024,
+            "payload_bytes_per_batch_mb": nbytes / 2**20, "table": table}
 
 
 def _fill(broker: str, settings: dict[str, Any], backlog: int) -> None:
@@ -145,7 +229,13 @@ def bench_memory(brokers: tuple[str, ...] = ("kafka", "nats", "mqtt"), scale: in
             above = figures["peak_mb"] - figures["baseline_mb"]
             if fixed is None:
                 fixed, anon_fixed = above, figures["anon_above_baseline_mb"]
+                imports = _child("--imports", broker, json.dumps(figures["modules_first_imported"]))["imports_mb"]
+            floor = _child("--floor", str(batch))
             rows.append({"broker": broker, "backlog": backlog, "batch": batch, **figures,
+                         "first_batch_imports_mb": imports,
+                         "library_floor_mb": floor["anon_above_baseline_mb"],
+                         "library_floor_over_batch_bytes": floor["anon_above_baseline_mb"] / floor["payload_bytes_per_batch_mb"],
+                         "anon_over_library_floor": figures["anon_above_baseline_mb"] / floor["anon_above_baseline_mb"],
                          "above_baseline_mb": above,
                          "above_baseline_over_batch_bytes": above / figures["payload_bytes_per_batch_mb"],
                          "anon_over_batch_bytes": figures["anon_above_baseline_mb"] / figures["payload_bytes_per_batch_mb"],
@@ -155,6 +245,20 @@ def bench_memory(brokers: tuple[str, ...] = ("kafka", "nats", "mqtt"), scale: in
     return rows
 
 
+def _child(*args: str) -> dict[str, Any]:
+    """Run this module in a fresh process with `args`; its last output line (JSON)."""
+    proc = subprocess.run([sys.executable, "-m", "ingest_defs.bench.memory", *args], cwd=REPO_ROOT, env=os.environ,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe {args[0]} failed:\n{proc.stdout}{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
     sys.modules.setdefault("hypothesis", None)  # as the `ingest` command (ingest_defs/__main__.py)
-    print(json.dumps(drain(json.loads(sys.argv[1]))))
+    if sys.argv[1] == "--floor":
+        print(json.dumps(library_floor(int(sys.argv[2]))))
+    elif sys.argv[1] == "--imports":
+        print(json.dumps(import_cost(sys.argv[2], json.loads(sys.argv[3]))))
+    else:
+        print(json.dumps(drain(json.loads(sys.argv[1]))))
