@@ -12,8 +12,10 @@ own file, `INGEST_FAULT_FILE` + `-<point>`.
 Points: after_plan (the batch is planned, nothing read yet), after_read, after_quarantine_commit,
 during_target_commit (the target's data files are written, its log entry is not: see `DeltaTableSink.append`),
 after_target_commit (before the broker ack), before_ledger (the target committed, its ledger row not yet),
-after_ack. A batch is committed on the writer thread, which writes its ledger row there while the main
-thread acknowledges it, so before_ledger and after_target_commit/after_ack may come in either order.
+after_ack. A run's batches are committed on the writer thread, which writes each one's ledger row there while
+the main thread acknowledges it, so before_ledger and after_target_commit/after_ack may come in either order;
+the last batch an MQTT run hands over on closing (its QoS 0 messages, `_drain`) is committed on the main
+thread, its ledger row before its ack.
 """
 
 from __future__ import annotations
