@@ -324,17 +324,10 @@ class BatchRunner:
                             continue  # the read-ahead assumed a commit that did not happen: re-plan from Delta
                     if plan.bounded:
                         known.update(self._versions_after(raw, plan))
-                        committing = writer.submit(self._commit, result, raw)
-                        # the ledger row next on the writer thread, while this thread acknowledges the batch
-                        inflight = (result, raw, committing, writer.submit(self._record_once_committed, committing,
-                                                                           result, raw))
-                    else:
-                        # No read-ahead (a batch ends when the broker stops sending), but the same split: the
-                        # ledger row on the writer thread while this thread acknowledges the committed batch.
-                        committing = writer.submit(self._commit, result, raw)
-                        recording = writer.submit(self._record_once_committed, committing, result, raw)
+                        inflight = (result, raw, *self._submit(writer, result, raw))  # finished after the next read
+                    else:  # no read-ahead: a batch ends when the broker stops sending, so it is finished at once
+                        committing, recording = self._submit(writer, result, raw)
                         self._finish(result, raw, committing, results, recording)
-                        del committing, recording
                         del raw  # not held through the next read
                         release_after_batch(result.nbytes)
                         last = results[-1]
@@ -470,6 +463,13 @@ class BatchRunner:
         if result.target_version is not None:
             self._record(result, raw)
         return result
+
+    def _submit(self, writer: ThreadPoolExecutor, result: BatchResult,
+                raw: RawBatch) -> tuple[Future[BatchResult], Future[None]]:
+        """The batch's commits, then its ledger row, on the writer thread: the caller acknowledges the batch once
+        the commit is done (`_finish`), while the ledger row is written."""
+        committing = writer.submit(self._commit, result, raw)
+        return committing, writer.submit(self._record_once_committed, committing, result, raw)
 
     def _record_once_committed(self, committing: Future[BatchResult], result: BatchResult, raw: RawBatch) -> None:
         """The ledger row of a batch `_commit` committed (it ran before this, on the same writer thread)."""
