@@ -212,25 +212,25 @@ def bench_memory(brokers: tuple[str, ...] = ("kafka", "nats", "mqtt"), scale: in
     Polars and delta-rs thread pools, Parquet writer, Arrow buffers, the allocators' arenas); then the real
     backlogs, reported above the baseline and above that fixed cost."""
     rows = []
+    floors: dict[int, dict[str, Any]] = {}  # batch size -> the library floor at that size (measured once)
     for broker in brokers:
         fixed = None
         for backlog, batch in [(20_000, 2_000)] + [(b // scale, BATCHES[broker] // scale) for b in BACKLOGS[broker]]:
             settings = _pipeline(broker, backlog, batch)
             try:
                 _fill(broker, settings, backlog)
-                proc = subprocess.run([sys.executable, "-m", "ingest_defs.bench.memory", json.dumps(settings)],
-                                      cwd=REPO_ROOT, env=os.environ, capture_output=True, text=True)
+                figures = _child(f"memory drain of {backlog:,} from {broker}", json.dumps(settings))
             finally:
                 _clean_up(broker, settings)
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory drain of {backlog:,} from {broker} failed:\n{proc.stdout}{proc.stderr}")
-            figures = json.loads(proc.stdout.strip().splitlines()[-1])
             assert figures["messages"] == backlog, f"{broker}: drained {figures['messages']} of {backlog}"
             above = figures["peak_mb"] - figures["baseline_mb"]
             if fixed is None:
                 fixed, anon_fixed = above, figures["anon_above_baseline_mb"]
-                imports = _child("--imports", broker, json.dumps(figures["modules_first_imported"]))["imports_mb"]
-            floor = _child("--floor", str(batch))
+                imports = _child(f"import cost for {broker}", "--imports", broker,
+                                 json.dumps(figures["modules_first_imported"]))["imports_mb"]
+            if batch not in floors:
+                floors[batch] = _child(f"library floor at batch {batch:,}", "--floor", str(batch))
+            floor = floors[batch]
             rows.append({"broker": broker, "backlog": backlog, "batch": batch, **figures,
                          "first_batch_imports_mb": imports,
                          "library_floor_mb": floor["anon_above_baseline_mb"],
@@ -245,12 +245,13 @@ def bench_memory(brokers: tuple[str, ...] = ("kafka", "nats", "mqtt"), scale: in
     return rows
 
 
-def _child(*args: str) -> dict[str, Any]:
-    """Run this module in a fresh process with `args`; its last output line (JSON)."""
+def _child(what: str, *args: str) -> dict[str, Any]:
+    """Run this module in a fresh process with `args` (a drain, `--imports` or `--floor`); its last output line
+    (JSON). `what` names it in the error if it fails."""
     proc = subprocess.run([sys.executable, "-m", "ingest_defs.bench.memory", *args], cwd=REPO_ROOT, env=os.environ,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory probe {args[0]} failed:\n{proc.stdout}{proc.stderr}")
+        raise RuntimeError(f"{what} failed:\n{proc.stdout}{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
