@@ -7,6 +7,10 @@ large objects, librdkafka, nats-py and paho buffers, pyarrow) uses glibc's mallo
   them, so with decay 0 the peak follows one batch (measured: 110 → 85 MB above the idle baseline for
   100k-message batches), at no measurable CPU cost. They read `_RJEM_MALLOC_CONF` when they load, so
   `configure()` runs from the package's `__init__`, before anything imports them; an explicit setting wins.
+  Their per-thread caches hold freed blocks of up to 32 kB by default, in every thread that ever allocated
+  (polars' and delta-rs's pools, ours): `tcache_max:1024` keeps ~2 MB less after the batches (40 delta-rs
+  writes of 50k rows: 7.7 → 5.4 MB still held; polars' JSON decode as fast). Without any thread cache
+  (`tcache:false`) the same decode took 35 times as long.
 * glibc keeps what a batch freed inside its heaps (main and per-thread arenas) unless the free space sits at
   a heap's top: after a 100k-message Kafka batch, 25–45 MB that the next batch does not always reuse
   (fragments). `release_after_batch()` hands the free pages back with `malloc_trim(0)`, 4–10 ms for such a
@@ -25,13 +29,14 @@ import os
 from collections.abc import Callable
 from functools import cache
 
+JEMALLOC_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0,tcache_max:1024"
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 MMAP_THRESHOLD_BYTES = 256 << 10
 TRIM_AFTER_BYTES = 1 << 20  # payload bytes of a batch worth a malloc_trim (4-10 ms at 10 MB)
 
 
 def configure() -> None:
-    os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
+    os.environ.setdefault("_RJEM_MALLOC_CONF", JEMALLOC_CONF)
     mallopt = getattr(_libc(), "mallopt", None)
     chosen = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
     if mallopt is not None and not chosen:

@@ -24,7 +24,7 @@ def test_jemalloc_decay_is_set_before_polars_loads_and_an_explicit_setting_wins(
     script = "import os, ingest_defs; print(os.environ['_RJEM_MALLOC_CONF'])"
     env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "dirty_decay_ms:0,muzzy_decay_ms:0"
+    assert out.stdout.strip() == allocator.JEMALLOC_CONF
     out = subprocess.run([sys.executable, "-c", script], env={**env, "_RJEM_MALLOC_CONF": "narenas:2"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "narenas:2"

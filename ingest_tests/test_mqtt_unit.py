@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 import time
 
+import numpy as np
 import pytest
 
 from ingest_defs.sources.base import SourceError
@@ -127,8 +129,38 @@ def test_a_taken_batch_is_packed_and_keeps_every_payload_offset_time_and_fingerp
     assert batch.extra_columns[HASH_COLUMN].to_list() == [payload_hash(p) for p in payloads[:5]]
     assert batch.extra_columns[PID_COLUMN].to_list() == [100, 101, 102, None, 104]  # QoS 0: no packet id
     assert batch.extra_columns[QOS_COLUMN].to_list() == [1, 1, 1, 0, 1]
-    assert batch.ack_token[1] == [100, 101, 102, 104] and batch.nbytes == sum(map(len, payloads[:5]))
-    assert source._payloads == payloads[5:]  # the sixth waits for the next batch
+    assert batch.ack_token[1].tolist() == [100, 101, 102, 104] and batch.nbytes == sum(map(len, payloads[:5]))
+    assert list(source._payloads) == payloads[5:] and source._payloads.nbytes == len(payloads[5])  # waits
     assert len(source._take(0, start=46)) == 0
     rest = source._take(1, start=46)
     assert list(rest.payloads) == payloads[5:] and rest.offsets.tolist() == [46]
+
+
+def test_the_receive_buffer_drops_keeps_and_packs_payloads_by_position():
+    """What `_pull`, the redelivery match and the QoS 0 drain read from the receive buffer after partial drops
+    and a selection: the same payloads, byte counts and packed batches a list of `bytes` would give."""
+    from ingest_defs.sources.mqtt import ReceivedPayloads
+
+    payloads = [b"a", b"", b"line\nbreak", b"x" * 300, b"\n", b"last"]
+    received = ReceivedPayloads()
+    for payload in payloads:
+        received.append(payload)
+    assert len(received) == 6 and received.nbytes == sum(map(len, payloads))
+    assert [received[i] for i in range(6)] == payloads and received.length(3) == 300
+    assert list(received.packed(4)) == payloads[:4] and received.packed(4).joined() == b"\n".join(payloads[:4])
+    received.drop(2)
+    assert list(received) == payloads[2:] and received.nbytes == sum(map(len, payloads[2:]))
+    received.keep([0, 2, 3])
+    assert list(received) == [payloads[2], payloads[4], payloads[5]]
+    received.append(b"new")
+    assert list(received.packed(4)) == [payloads[2], payloads[4], payloads[5], b"new"]
+    received.drop(4)
+    assert len(received) == 0 and received.nbytes == 0 and len(received.packed(0)) == 0
+
+
+def test_pubacks_are_v5_success_packets_in_the_given_order():
+    from ingest_defs.sources.mqtt import pubacks
+
+    mids = [1, 258, 65535, 7]
+    assert pubacks(mids) == b"".join(struct.pack("!BBH", 0x40, 2, mid) for mid in mids)
+    assert pubacks(np.array(mids, dtype=np.int32)) == pubacks(mids) and pubacks([]) == b""

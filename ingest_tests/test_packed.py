@@ -92,6 +92,21 @@ def test_standard_columns_take_packed_columns():
     assert std["_timestamp"].null_count() == 1 and std[ROW].to_list() == list(range(n))
 
 
+@pytest.mark.parametrize("streams", [["sensors/site-01/temperature", "s/2", "sensors/site-01/temperature"] * 400,
+                                     [f"sensors/site-{i:04d}/humidity" for i in range(50)], ["t"], []])
+def test_a_stream_per_message_keeps_each_distinct_name_once(streams):
+    """MQTT topics and NATS subjects repeat from message to message: the `_stream` column stores each distinct
+    name once (rows are views of it), with exactly the values of the list."""
+    n = len(streams)
+    raw = RawBatch(payloads=_packed([b"{}"] * n), offsets=np.arange(n, dtype=np.int64), partitions=0,
+                   streams=list(streams), keys=None, headers=None, timestamps_ms=None,
+                   covered=[PartitionRange("p/mqtt/c", 0, 0, n - 1)])
+    column = standard_columns(raw, "mqtt", "b", datetime.now(UTC))["_stream"]
+    assert column.dtype == pl.String and column.to_list() == streams
+    stored = column.to_arrow(compat_level=pl.CompatLevel.newest())
+    assert stored.nbytes <= 16 * n + sum(len(s.encode()) for s in set(streams))
+
+
 def test_prefetch_follows_the_batch():
     assert prefetch_settings(1 << 20)["queued.max.messages.kbytes"] == 1024
     assert prefetch_settings(64 << 20)["queued.max.messages.kbytes"] == 1024  # the default batch

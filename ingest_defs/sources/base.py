@@ -94,6 +94,15 @@ class PackedPayloads(Sequence[bytes]):
         self._starts: array[int] | None = None  # built on first random access
         self.extend(values)
 
+    @classmethod
+    def of_joined(cls, data: bytes, lengths: array[int]) -> PackedPayloads:
+        """Payloads already joined by newlines into `data`, with each one's length (`lengths`, typecode "I")."""
+        packed = cls()
+        if lengths:
+            packed._chunks.append(data)
+            packed._lengths = lengths
+        return packed
+
     def extend(self, values: Sequence[bytes]) -> None:
         if values:
             self._chunks.append(b"\n".join(values))
@@ -144,7 +153,7 @@ class PackedPayloads(Sequence[bytes]):
             views[pointed, 4:8] = buffer[starts[pointed, None] + np.arange(4)]
             as_int32[pointed, 3] = starts[pointed]
         column = pa.Array.from_buffers(pa.binary_view(), n, [None, pa.py_buffer(views), pa.py_buffer(data)])
-        return pl.Series(name, column)
+        return pl.Series(_ArrowCData(column)).alias(name)
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -171,6 +180,20 @@ class PackedPayloads(Sequence[bytes]):
         for length in self._lengths:
             yield data[pos:pos + length]
             pos += length + 1
+
+
+class _ArrowCData:
+    """An Arrow array seen only through the Arrow C data interface (the PyCapsule protocol polars reads).
+    Handed a pyarrow array, polars imports `pyarrow.compute` to look for chunked dictionaries first: 3 MB of
+    private memory in the first batch, for a column that is neither."""
+
+    __slots__ = ("_array",)
+
+    def __init__(self, array: Any) -> None:
+        self._array = array
+
+    def __arrow_c_array__(self, requested_schema: object | None = None) -> tuple[object, object]:
+        return self._array.__arrow_c_array__(requested_schema)
 
 
 def joined_payloads(payloads: Sequence[bytes]) -> bytes:

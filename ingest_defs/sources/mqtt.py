@@ -101,7 +101,6 @@ import re
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 import uuid
@@ -153,7 +152,6 @@ SYS_EXPIRY = 60  # seconds Mosquitto 2.0 keeps a retained $SYS value (the droppe
 DRAIN_SECONDS = 5.0  # ending a run: how long to read what the broker had sent before our DISCONNECT
 DRAIN_FIRST_SECONDS = 0.05  # ... first this long, then DISCONNECT and read until the broker closes
 DRAIN_CAP = 100_000  # messages buffered by a drain at most (4 × max_messages if more)
-_PUBACK = struct.Struct("!BBH")  # v5 PUBACK, reason Success, no properties: remaining length 2
 _DISCONNECT = b"\xe0\x00"  # v5 DISCONNECT, reason Normal, session kept (expiry as in CONNECT)
 
 
@@ -184,6 +182,15 @@ def match_redelivered(lead: Sequence[Fingerprint], committed: Sequence[Fingerpri
         if committed[p] == first and lead[: n - p] == committed[p:]:
             return n - p
     return 0
+
+
+def pubacks(mids: Sequence[int] | np.ndarray) -> bytes:
+    """MQTT v5 PUBACKs (reason Success, no properties) for these packet ids, back to back: 0x40, remaining
+    length 2, the packet id big-endian."""
+    packets = np.empty((len(mids), 4), np.uint8)
+    packets[:, 0], packets[:, 1] = 0x40, 2
+    packets[:, 2:] = np.asarray(mids, dtype=">u2").view(np.uint8).reshape(-1, 2)
+    return packets.tobytes()
 
 
 _LEVEL_UNSAFE = re.compile(r"[+#/\x00]")
@@ -232,6 +239,73 @@ class SessionLostGap(Gap):
                 f"are lost, how many is unknown ({self.reason})")
 
 
+class ReceivedPayloads:
+    """The payloads received and not yet taken by a batch, packed newline-separated into one buffer as they
+    arrive: no `bytes` object is kept per message. (A list of them, 50k a batch, pinned the interpreter's
+    small-object arenas: ~15 MB stayed after every batch was gone, the MQTT drain's peak grew batch by batch.)
+
+    A batch takes the first n as `PackedPayloads` (one copy of their bytes); fingerprints read single
+    payloads by position."""
+
+    __slots__ = ("_data", "_lengths", "_starts", "nbytes")
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self._data = bytearray()  # a new one: the old one's memory goes back at once
+        self._starts = array("q")  # where each payload begins in _data
+        self._lengths = array("I")
+        self.nbytes = 0  # payload bytes held (newlines not counted)
+
+    def append(self, payload: bytes) -> None:
+        self._starts.append(len(self._data))
+        self._lengths.append(len(payload))
+        self._data += payload
+        self._data += b"\n"
+        self.nbytes += len(payload)
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __getitem__(self, index: int) -> bytes:
+        start = self._starts[index]
+        with memoryview(self._data) as view:
+            return bytes(view[start:start + self._lengths[index]])
+
+    def length(self, index: int) -> int:
+        return self._lengths[index]
+
+    def packed(self, n: int) -> PackedPayloads:
+        """The first n payloads, packed (a copy: `drop` then forgets them here)."""
+        if n <= 0:
+            return PackedPayloads()
+        end = self._starts[n - 1] + self._lengths[n - 1]  # the last one's newline stays out
+        with memoryview(self._data) as view:
+            taken = bytes(view[:end])
+        return PackedPayloads.of_joined(taken, self._lengths[:n])
+
+    def drop(self, n: int) -> None:
+        """Forget the first n payloads (taken, or skipped as already in Delta)."""
+        if n >= len(self):
+            self._clear()
+            return
+        if n <= 0:
+            return
+        cut = self._starts[n]
+        self.nbytes -= cut - n  # the dropped payloads' bytes: everything before `cut` but their n newlines
+        self._data = self._data[cut:]
+        self._starts = array("q", (np.frombuffer(self._starts, np.int64)[n:] - cut).tobytes())
+        self._lengths = self._lengths[n:]
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Keep only the payloads at `positions` (ascending), in that order."""
+        kept = [self[i] for i in positions]
+        self._clear()
+        for payload in kept:
+            self.append(payload)
+
+
 # ---------------------------------------------------------------- the source
 class MqttSource:
     kind = "mqtt"
@@ -278,11 +352,10 @@ class MqttSource:
         self._mids = array("i")
         self._qos = array("b")  # delivered QoS: 0 (no packet id, never redelivered, no PUBACK) or 1
         self._times = array("d")  # time.monotonic() at receipt (paho's message.timestamp)
-        self._payloads: list[bytes] = []
+        self._payloads = ReceivedPayloads()
         self._topics: list[str] = []
         self._headers: dict[int, list[tuple[str, str]]] = {}  # absolute receipt index → user properties
         self._base = 0  # absolute receipt index of _payloads[0]
-        self._bytes = 0
         self._topic_names: dict[str, str] = {}
         self._lead_open = True  # still inside this connection's leading run of DUP=1 messages
         self._lead_len = 0
@@ -294,14 +367,12 @@ class MqttSource:
 
     def _on_message(self, _client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # Keep this minimal: it runs once per message at ~50k msg/s.
-        payload = msg.payload
-        self._payloads.append(payload)
+        self._payloads.append(msg.payload)
         self._mids.append(msg.mid)
         self._qos.append(msg.qos)
         self._times.append(msg.timestamp)
         topic = msg.topic
         self._topics.append(self._topic_names.setdefault(topic, topic))  # one str object per topic
-        self._bytes += len(payload)
         props = msg.properties
         if props is not None:
             user = props.__dict__.get("UserProperty")
@@ -535,10 +606,10 @@ class MqttSource:
             batch.lag_after = 1
             return batch
         n = min(limit, len(self._payloads))
-        if n and self._bytes > max_bytes:
+        if n and self._payloads.nbytes > max_bytes:
             total = 0
             for i in range(n):
-                total += len(self._payloads[i])
+                total += self._payloads.length(i)
                 if total > max_bytes:
                     n = max(1, i)
                     break
@@ -639,7 +710,7 @@ class MqttSource:
             exempt = 0 if self._lead_resolved else self._lead_len
             if len(payloads) - exempt >= limit:
                 return "max_messages"
-            if self._lead_resolved and self._bytes >= max_bytes:
+            if self._lead_resolved and payloads.nbytes >= max_bytes:
                 return "max_bytes"
             if self._drain_only:
                 return "idle"
@@ -678,7 +749,7 @@ class MqttSource:
                 if loop_read() != mqtt.MQTT_ERR_SUCCESS:
                     break  # connection lost (paho closed the socket)
                 n = len(payloads)
-                if n == before or n >= cap or self._bytes >= max_bytes:
+                if n == before or n >= cap or payloads.nbytes >= max_bytes:
                     break  # drained / control or partial packet / time to re-check the limits
             if len(payloads) > got:
                 deadline = time.monotonic() + idle
@@ -732,7 +803,7 @@ class MqttSource:
             logger.info("%s: %d redelivered messages at the head of the session, none already in Delta",
                         self.spec.name, lead)
             return 0
-        self._send_acks(list(self._mids[:skip]))  # already durable in Delta; first in arrival order
+        self._send_acks(self._mids[:skip])  # already durable in Delta; first in arrival order
         self._consume(skip)
         self._skipped += skip
         self._drain_only = skip > self.window
@@ -787,14 +858,15 @@ class MqttSource:
         """Drop the first n buffered messages (taken by a batch or skipped as duplicates)."""
         for i in range(self._base, self._base + n):
             self._headers.pop(i, None)
-        self._bytes -= sum(len(p) for p in self._payloads[:n])
-        del self._payloads[:n], self._topics[:n], self._mids[:n], self._qos[:n], self._times[:n]
+        self._payloads.drop(n)
+        del self._topics[:n], self._mids[:n], self._qos[:n], self._times[:n]
         self._base += n
 
     def _take(self, n: int, start: int) -> RawBatch:
-        payloads = self._payloads[:n]
-        mids = self._mids[:n].tolist()
-        qos = self._qos[:n].tolist()
+        # Arrays, not lists: a Python int per packet id, held until the batch is acknowledged, pinned the
+        # interpreter's small-object arenas as the payloads' `bytes` did (see ReceivedPayloads).
+        mids = np.frombuffer(self._mids, np.int32, count=n).copy()
+        qos = np.frombuffer(self._qos, np.int8, count=n).copy()
         streams = self._topics[:n]
         wall = time.time() - time.monotonic()
         timestamps = ((np.frombuffer(self._times, dtype=np.float64, count=n) + wall) * 1000).astype(np.int64)
@@ -806,17 +878,22 @@ class MqttSource:
                 headers = [None] * n
                 for i, h in found.items():
                     headers[i] = [(k, v.encode()) for k, v in h]
+        # Packed: the batch holds one buffer, not a `bytes` per message (decode reads it as is, `_raw` views it).
+        packed = self._payloads.packed(n)
         self._consume(n)
         if len(self._topic_names) > 100_000:  # high-cardinality topics: do not grow without bound
             self._topic_names.clear()
         if not n:
             return _empty_batch([PartitionRange(self.app_id, 0, start, start - 1)])
-        qos0 = qos.count(0)
+        delivered_qos0 = qos == 0
+        qos0 = int(delivered_qos0.sum())
         # QoS 0 deliveries carry no packet id: a null `_mqtt_pid` keeps them out of the redelivery match.
-        pids = mids if not qos0 else [m if q else None for m, q in zip(mids, qos, strict=True)]
+        pids = pl.Series(PID_COLUMN, mids, dtype=pl.Int32)
+        if qos0:
+            pids = pids.set(pl.Series(delivered_qos0), None)  # type: ignore[arg-type]
         extra = {
-            PID_COLUMN: pl.Series(PID_COLUMN, pids, dtype=pl.Int32),
-            HASH_COLUMN: pl.Series(HASH_COLUMN, np.fromiter(map(payload_hash, payloads), np.int64, n), dtype=pl.Int64),
+            PID_COLUMN: pids,
+            HASH_COLUMN: pl.Series(HASH_COLUMN, np.fromiter(map(payload_hash, packed), np.int64, n), dtype=pl.Int64),
             QOS_COLUMN: pl.Series(QOS_COLUMN, qos, dtype=pl.Int8),
         }
         warnings = []
@@ -825,14 +902,12 @@ class MqttSource:
                             "QoS 0: at most once. The broker keeps no copy once it has sent them and never "
                             "redelivers them, so a crash between their receipt and the Delta commit loses them. "
                             "Publish at QoS 1 for exactly once.")
-        # Packed: the batch holds one buffer, not a `bytes` per message (decode reads it as is, `_raw` views it).
-        packed = PackedPayloads(payloads)
         return RawBatch(
             payloads=packed, offsets=np.arange(start, start + n, dtype=np.int64), partitions=0,
             streams=streams, keys=None,
             headers=headers, timestamps_ms=timestamps, covered=[PartitionRange(self.app_id, 0, start, start + n - 1)],
             nbytes=packed.nbytes, extra_columns=extra, counters={"qos0_messages": qos0}, warnings=warnings,
-            ack_token=(self._generation, [m for m, q in zip(mids, qos, strict=True) if q] if qos0 else mids),
+            ack_token=(self._generation, mids[~delivered_qos0] if qos0 else mids),
         )
 
     def _keep_only_qos0(self) -> None:
@@ -841,42 +916,41 @@ class MqttSource:
         if len(keep) == len(self._qos):
             return
         base = self._base
-        self._payloads[:] = [self._payloads[i] for i in keep]
+        self._payloads.keep(keep)
         self._topics[:] = [self._topics[i] for i in keep]
         self._mids = array("i", [self._mids[i] for i in keep])
         self._qos = array("b", [0] * len(keep))
         self._times = array("d", [self._times[i] for i in keep])
         self._headers = {base + j: self._headers[base + i] for j, i in enumerate(keep) if base + i in self._headers}
-        self._bytes = sum(len(p) for p in self._payloads)
 
     def acknowledge(self, batch: RawBatch) -> None:
         """PUBACK the batch's messages, in arrival order, after its Delta commit."""
         if batch.ack_token is None:
             return
         generation, mids = batch.ack_token
-        if not mids:
+        if not len(mids):
             return
         if generation != self._generation or not self._connected():
             logger.warning("%s: MQTT connection lost before acknowledging %d messages; the broker will redeliver "
                            "them and the next batch skips them (already in Delta)", self.spec.name, len(mids))
             return
-        self._send_acks(list(mids))
+        self._send_acks(mids)
 
-    def _send_acks(self, mids: list[int]) -> None:
+    def _send_acks(self, mids: Sequence[int] | np.ndarray) -> None:
         """PUBACKs in one write when paho has nothing queued (its ack() is a send() per message)."""
         client = self._client
-        if client is None or not mids:
+        if client is None or not len(mids):
             return
         sock = client.socket()
         if self.tls or client.want_write() or not isinstance(sock, socket.socket):
             for mid in mids:
-                client.ack(mid, 1)
+                client.ack(int(mid), 1)
             deadline = time.monotonic() + 30
             while client.want_write() and time.monotonic() < deadline:
                 if client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
                     break
             return
-        data = memoryview(b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids]))
+        data = memoryview(pubacks(mids))
         sent, deadline = 0, time.monotonic() + 30
         try:
             while sent < len(data):
