@@ -63,5 +63,6 @@ def test_the_memory_floor_writes_every_payload_once_as_a_bare_pipeline_would():
     assert rows["_offset"].to_list() == list(range(1500))
     assert rows["_raw"].to_list() == [payload(i) for i in range(1500)]
     assert rows["id"].to_list() == list(range(1500))  # decoded into the schema's columns
+    assert floor["above_baseline_mb"] >= floor["anon_above_baseline_mb"] > 0  # the whole peak holds the private one
     assert floor["payload_bytes_per_batch_mb"] * 2**20 == max(
         sum(len(payload(b * 500 + i)) for i in range(500)) for b in range(3))

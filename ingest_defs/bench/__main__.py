@@ -100,11 +100,12 @@ def memory(quick: bool) -> list[dict[str, Any]]:
     table = Table("broker", "backlog", "batch", "batches", "baseline MB", "peak MB", "above baseline MB",
                   "batch payload MB", "× batch bytes", "fixed MB", "(above − fixed) × batch bytes",
                   "private above baseline MB", "private × batch bytes", "of which first-batch imports MB",
-                  "library floor × batch bytes", "private / floor", "private peak per stage MB", "code pages MB",
-                  "drain s",
+                  "library floor × batch bytes", "private / floor", "floor's whole peak × batch bytes",
+                  "private peak per stage MB", "code pages MB", "drain s",
                   title="Memory of a drain (target ≤ 10× the batch's bytes, goal 3×; fixed: the first row per "
                         "broker, a 20k drain at batch 2k; private: anonymous memory, without the code pages; "
-                        "library floor: a bare polars + write_deltalake pipeline's private memory at the same batch)")
+                        "library floor: a bare polars + write_deltalake pipeline's private memory at the same batch; "
+                        "its whole peak: VmHWM above its baseline, as a drain's)")
     for r in rows:
         table.add_row(r["broker"], f"{r['backlog']:,}", f"{r['batch']:,}", str(r["batches"]), f"{r['baseline_mb']:.0f}",
                       f"{r['peak_mb']:.0f}", f"{r['above_baseline_mb']:.0f}", f"{r['payload_bytes_per_batch_mb']:.1f}",
@@ -112,6 +113,7 @@ def memory(quick: bool) -> list[dict[str, Any]]:
                       f"{r['above_fixed_over_batch_bytes']:.1f}", f"{r['anon_above_baseline_mb']:.0f}",
                       f"{r['anon_over_batch_bytes']:.1f}", f"{r['first_batch_imports_mb']:.0f}",
                       f"{r['library_floor_over_batch_bytes']:.1f}", f"{r['anon_over_library_floor']:.2f}",
+                      f"{r['library_floor_whole_over_batch_bytes']:.1f}",
                       ", ".join(f"{stage} {mb:.0f}" for stage, mb in r["anon_stage_peaks_mb"].items()),
                       f"{r['code_pages_mapped_mb']:.0f}", f"{r['seconds']:.1f}")
     console.print(table)
