@@ -558,8 +558,8 @@ def standard_columns(raw: RawBatch, source: str, batch_id: str, ingested_at: dat
     failures = {} if failures is None else failures
     columns: dict[str, pl.Series] = {
         "_source": _repeat("_source", source, n, pl.String),
-        "_stream": (_repeated_strings("_stream", raw.streams) if isinstance(raw.streams, list)
-                    else _repeat("_stream", raw.streams, n, pl.String)),
+        "_stream": (_repeat("_stream", raw.streams, n, pl.String) if isinstance(raw.streams, str)
+                    else _repeated_strings("_stream", list(raw.streams))),
         "_partition": _repeat_or_series("_partition", raw.partitions, n, pl.Int32),
         "_offset": pl.Series("_offset", raw.offsets, dtype=pl.Int64),
         "_key": (_nulls("_key", n, pl.Binary) if raw.keys is None
