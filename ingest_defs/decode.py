@@ -558,8 +558,7 @@ def standard_columns(raw: RawBatch, source: str, batch_id: str, ingested_at: dat
     failures = {} if failures is None else failures
     columns: dict[str, pl.Series] = {
         "_source": _repeat("_source", source, n, pl.String),
-        "_stream": (_repeat("_stream", raw.streams, n, pl.String) if isinstance(raw.streams, str)
-                    else _repeated_strings("_stream", list(raw.streams))),
+        "_stream": _repeat_or_series("_stream", raw.streams, n, pl.String),
         "_partition": _repeat_or_series("_partition", raw.partitions, n, pl.Int32),
         "_offset": pl.Series("_offset", raw.offsets, dtype=pl.Int64),
         "_key": (_nulls("_key", n, pl.Binary) if raw.keys is None
@@ -587,9 +586,11 @@ def _nulls(name: str, n: int, dtype: pl.DataType) -> pl.Series:
 
 
 def _repeat_or_series(name: str, value: Any, n: int, dtype: pl.DataType) -> pl.Series:
-    if not isinstance(value, int | str):  # a column (list or array), not one value for every row
-        return pl.Series(name, value, dtype=dtype)
-    return _repeat(name, value, n, dtype)
+    if isinstance(value, int | str):  # one value for every row
+        return _repeat(name, value, n, dtype)
+    if dtype == pl.String:  # a topic or subject per message: few distinct ones
+        return _repeated_strings(name, list(value))
+    return pl.Series(name, value, dtype=dtype)
 
 
 def _repeated_strings(name: str, values: list[str]) -> pl.Series:

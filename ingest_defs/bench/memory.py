@@ -131,7 +131,7 @@ def drain(settings: dict[str, Any]) -> dict[str, Any]:
             "anon_above_baseline_mb": (anon_peak_kb - anon_baseline_kb) / 1024,
             "anon_stage_peaks_mb": {stage: (kb - anon_baseline_kb) / 1024 for stage, kb in anon.stage_peaks_kb.items()},
             "code_pages_mapped_mb": (_status_kb("RssFile") - file_baseline_kb) / 1024,
-            # code the first batch imports (pandera's polars backend, pyarrow.compute, ...): see `import_cost`
+            # code the first batch imports (pandera's polars backend, numpy.ma, ...): see `import_cost`
             "modules_first_imported": sorted(set(sys.modules) - modules_at_baseline),
             "messages": sum(r.rows_written + r.rows_quarantined for r in results), "batches": len(with_data),
             "payload_bytes_per_batch_mb": max(r.nbytes for r in with_data) / 2**20, "seconds": seconds}
