@@ -9,7 +9,6 @@ are on what closed each batch and on counts, not on wall-clock thresholds.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ import nats
 import pytest
 from deltalake import DeltaTable
 
-from ingest_defs.resources.brokers import DEFAULT_MQTT
 from ingest_defs.sources.nats import _Reader
 from ingest_tests.conftest import (
     assert_exactly_once,
@@ -69,7 +67,7 @@ def test_mqtt_kill_right_after_a_time_cut_commit_doubles_and_loses_nothing(lake,
     spec = mqtt_spec(batch={"max_messages": 50_000, "idle_ms": 500, "max_wait_seconds": 1.0})
     sessions.append(spec)
     register(spec)
-    env = cli_env(spec, tmp_path, lake, MQTT_URL=os.environ.get("MQTT_URL", DEFAULT_MQTT), INGEST_FAULT="after_target_commit")
+    env = cli_env(spec, tmp_path, lake, INGEST_FAULT="after_target_commit")
     with ContinuousPublisher(spec, qos1_every=1) as publisher:
         crashed = ingest_cli(["run", spec.name], env)  # killed after its first commit, before the PUBACKs
         assert crashed.returncode == -9, crashed.stdout + crashed.stderr

@@ -208,7 +208,7 @@ def test_crash_after_delta_commit_before_pubacks_doubles_nothing(lake, instance,
     sessions.append(spec)
     register(spec)
     published = publish(spec, payloads(0, 800, bad_every=25))
-    env = cli_env(spec, tmp_path, lake, MQTT_URL=os.environ.get("MQTT_URL", DEFAULT_MQTT), INGEST_FAULT="after_target_commit")
+    env = cli_env(spec, tmp_path, lake, INGEST_FAULT="after_target_commit")
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], env)
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)
@@ -240,8 +240,7 @@ def test_crash_between_quarantine_and_target_commit_doubles_nothing(lake, instan
     sessions.append(spec)
     register(spec)
     published = publish(spec, payloads(0, 500, bad_every=10))
-    env = cli_env(spec, tmp_path, lake, MQTT_URL=os.environ.get("MQTT_URL", DEFAULT_MQTT),
-                  INGEST_FAULT="after_quarantine_commit")
+    env = cli_env(spec, tmp_path, lake, INGEST_FAULT="after_quarantine_commit")
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], env)
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)

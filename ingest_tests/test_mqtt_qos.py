@@ -76,10 +76,6 @@ def run_log(instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult) -> 
     return "\n".join(e.user_message for e in instance.all_logs(result.run_id))
 
 
-def mqtt_env(spec: PipelineSpec, lake: Path, tmp_path: Path, fault: str) -> dict[str, str]:
-    return cli_env(spec, tmp_path, lake, MQTT_URL=os.environ.get("MQTT_URL", DEFAULT_MQTT), INGEST_FAULT=fault)
-
-
 # ---------------------------------------------------------------- the shipped broker upgrades QoS 0
 def test_qos0_publishes_reach_the_shipped_broker_session_at_qos1_and_land_exactly_once_across_a_crash(
         lake, instance, sessions, tmp_path: Path):
@@ -92,7 +88,7 @@ def test_qos0_publishes_reach_the_shipped_broker_session_at_qos1_and_land_exactl
     assert qos.count(0) == 200
     # kill -9 after the first batch's commit, before its PUBACKs: the broker redelivers it (DUP=1), QoS 0
     # publishes included, and the matcher skips it
-    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], mqtt_env(spec, lake, tmp_path, "after_target_commit"))
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], cli_env(spec, tmp_path, lake, INGEST_FAULT="after_target_commit"))
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     assert raws(spec).height == 100
     results, stats = direct_batch(spec)
@@ -160,7 +156,7 @@ def test_qos0_crash_after_commit_doubles_nothing(lake, instance, qos0_broker, tm
     batch, qos = mixed(0, 360)  # one batch holds all of it: nothing delivered to the crashed run is outside it
     published = publish(spec, batch, qos)
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"],
-                         mqtt_env(spec, lake, tmp_path, "after_target_commit") | {"MQTT_URL": qos0_broker.url})
+                         cli_env(spec, tmp_path, lake, INGEST_FAULT="after_target_commit") | {"MQTT_URL": qos0_broker.url})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     assert raws(spec).height == 360
     results, stats = direct_batch(spec)
@@ -179,7 +175,7 @@ def test_qos0_kill_mid_batch_loses_at_most_that_batchs_qos0_and_doubles_nothing(
     first = publish(spec, batch, qos)
     # killed after reading its batch (everything published so far), before any commit
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"],
-                         mqtt_env(spec, lake, tmp_path, "after_read") | {"MQTT_URL": qos0_broker.url})
+                         cli_env(spec, tmp_path, lake, INGEST_FAULT="after_read") | {"MQTT_URL": qos0_broker.url})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     assert raws(spec).is_empty()
     more, more_qos = mixed(300, 150)

@@ -148,10 +148,6 @@ def delta_version(spec: PipelineSpec) -> int | None:
     return DeltaTable(spec.table_uri()).transaction_version(app_id(spec))
 
 
-def nats_env(spec: PipelineSpec, lake: Path, tmp_path: Path, fault: str | None = None) -> dict[str, str]:
-    return cli_env(spec, tmp_path, lake, NATS_URL=NATS_URL, **({"INGEST_FAULT": fault} if fault else {}))
-
-
 def good_ids(*samples: Samples) -> set[int]:
     return {json.loads(p)["id"] for s in samples for i, p in enumerate(s.payloads) if i not in s.bad}
 
@@ -347,7 +343,7 @@ def test_crash_after_delta_commit_before_ack_doubles_nothing(lake, instance, tmp
     ensure_exists(spec)
     samples = make_samples(spec, 1000, bad_fraction=0.02, seed=4)
     produced = produce(spec, samples)
-    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], nats_env(spec, lake, tmp_path, "after_target_commit"))
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], cli_env(spec, tmp_path, lake, INGEST_FAULT="after_target_commit"))
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, _ = landed(spec)
     assert target.height > 0  # the commit happened
@@ -373,7 +369,7 @@ def test_a_work_queue_batch_killed_before_its_ledger_row_lands_once_and_the_row_
     ensure_exists(spec)
     samples = make_samples(spec, 700, bad_fraction=0.03, seed=21)
     produced = produce(spec, samples)
-    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], nats_env(spec, lake, tmp_path, "before_ledger"))
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], cli_env(spec, tmp_path, lake, INGEST_FAULT="before_ledger"))
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)
     assert target.height + quarantine.height == 300  # the first batch committed ...
@@ -396,7 +392,7 @@ def test_redelivery_after_ack_wait_doubles_nothing(lake, instance, tmp_path: Pat
     ensure_exists(spec)
     samples = make_samples(spec, 600, bad_fraction=0.05, seed=12)
     produced = produce(spec, samples)
-    env = nats_env(spec, lake, tmp_path)
+    env = cli_env(spec, tmp_path, lake)
     crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], {**env, "INGEST_FAULT": "after_read"})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     target, quarantine = landed(spec)
@@ -428,7 +424,7 @@ def test_batch_started_while_a_crashed_batch_is_pending_loses_nothing(lake, inst
     ensure_exists(spec)
     first = make_samples(spec, 100, seed=15)
     produced = produce(spec, first)
-    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], {**nats_env(spec, lake, tmp_path),
+    crashed = ingest_cli(["run", spec.name, "--max-batches", "1"], {**cli_env(spec, tmp_path, lake),
                                                                      "INGEST_FAULT": "after_read"})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
     assert consumer(spec).num_ack_pending == 100
