@@ -492,6 +492,48 @@ def test_down_never_signals_a_process_it_did_not_start(tmp_path: Path) -> None:
         stranger.wait()
 
 
+# The main thread leaves with the exit syscall (not exit_group): the process's leader is a zombie while another
+# thread still holds a listening socket, as a SIGKILLed JVM's is while its other threads unmap the heap.
+_LEADER_EXITS_FIRST = """
+import ctypes, os, platform, socket, sys, threading, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+print(server.getsockname()[1], flush=True)
+def last_thread():
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    os._exit(0)
+threading.Thread(target=last_thread).start()
+ctypes.CDLL(None).syscall({"x86_64": 60, "aarch64": 93}[platform.machine()], 0)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in {"x86_64", "aarch64"}, reason="the exit syscall's number")
+def test_a_process_whose_leader_is_a_zombie_is_alive_until_its_last_thread_exits(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    child = subprocess.Popen([sys.executable, "-c", _LEADER_EXITS_FIRST, str(release)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        deadline = time.monotonic() + 10
+        while manager._proc_state(child.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert manager._proc_state(child.pid) == "Z"
+        assert manager._port_busy("127.0.0.1", port)
+        assert manager._alive(child.pid), "a zombie leader was taken for a dead process while its socket is open"
+        release.write_text("")
+        deadline = time.monotonic() + 10
+        while manager._alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not manager._alive(child.pid)
+        assert not manager._port_busy("127.0.0.1", port)  # what a restart on the same port needs
+    finally:
+        release.write_text("")
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
 def test_broker_that_fails_to_start_shows_its_log_and_fails(tmp_path: Path) -> None:
     broken_libs = tmp_path / "libs"
     broken_libs.mkdir()

@@ -698,9 +698,18 @@ def _reap(pid: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """pid has not finished exiting: a killed JVM's main thread is a zombie while its other threads still unmap
+    the heap, and its sockets stay open (the ports busy) until the last of them is gone."""
     _reap(pid)
     state = _proc_state(pid)
-    return state is not None and state not in {"Z", "X"}
+    if state is None or state == "X":
+        return False
+    if state != "Z":
+        return True
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def _cmdline(pid: int) -> list[str]:
