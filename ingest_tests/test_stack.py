@@ -93,19 +93,11 @@ def read_pids(stack_dir: Path) -> dict[str, int]:
     return pids
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in {"Z", "X"}
-
-
 def wait_gone(pid: int, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
+    while manager._alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not alive(pid)
+    return not manager._alive(pid)
 
 
 def port_free(port: int) -> bool:
