@@ -589,22 +589,21 @@ def _repeat_or_series(name: str, value: Any, n: int, dtype: pl.DataType) -> pl.S
     if isinstance(value, int | str):  # one value for every row
         return _repeat(name, value, n, dtype)
     if dtype == pl.String:  # a topic or subject per message: few distinct ones
-        return _repeated_strings(name, list(value))
+        return _repeated_strings(name, value)
     return pl.Series(name, value, dtype=dtype)
 
 
-def _repeated_strings(name: str, values: list[str]) -> pl.Series:
+def _repeated_strings(name: str, values: Sequence[str]) -> pl.Series:
     """A String column of values that repeat (a topic or subject per message): each distinct value is stored
     once and every row is a view of it. Built from the list, each row would copy its string (a 30-byte MQTT
     topic: 1.5 MB more in a 50k-message batch)."""
     import numpy as np  # here, as in base.py: light commands never load it
 
-    distinct = list(dict.fromkeys(values))
-    if len(distinct) == len(values):
+    index = {value: i for i, value in enumerate(dict.fromkeys(values))}  # each distinct value, first seen first
+    if len(index) == len(values):
         return pl.Series(name, values, dtype=pl.String)
-    index = {value: i for i, value in enumerate(distinct)}
     codes = np.fromiter(map(index.__getitem__, values), np.uint32, len(values))
-    return pl.Series(name, distinct, dtype=pl.String).gather(codes)
+    return pl.Series(name, list(index), dtype=pl.String).gather(codes)
 
 
 def _guarded_series(name: str, values: list[Any], dtype: pl.DataType, failures: dict[int, str],
